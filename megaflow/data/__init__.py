@@ -1,0 +1,1 @@
+"""Data: indexed datasets, tokenizers, GPT sample construction, blending, samplers."""

@@ -1,0 +1,36 @@
+"""Rotary position embeddings, "rotate half" (GPT-NeoX / Hugging Face Llama) convention.
+
+Shapes: x_bnsd [batch, heads, seq, head_dim]; cos_sd, sin_sd [seq, head_dim].
+"""
+from __future__ import annotations
+
+import torch
+
+from megaflow.kernels.dispatch import resolve_backend
+
+
+def rotary_cos_sin(seq_len, head_dim, base=10000.0, device=None, position_ids=None):
+    """cos/sin tables [seq, head_dim] in fp32 (angles repeated for both halves, as HF does)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32) if position_ids is None \
+        else position_ids.float()
+    angles = torch.outer(pos, inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary_reference(x_bnsd, cos_sd, sin_sd):
+    xf = x_bnsd.float()
+    return (xf * cos_sd + _rotate_half(xf) * sin_sd).to(x_bnsd.dtype)
+
+
+def apply_rotary(x_bnsd, cos_sd, sin_sd, backend="auto"):
+    backend = resolve_backend(backend, x_bnsd)
+    if backend == "torch":
+        return x_bnsd * cos_sd.to(x_bnsd.dtype) + _rotate_half(x_bnsd) * sin_sd.to(x_bnsd.dtype)
+    raise NotImplementedError(f"rope backend {backend!r}")
