@@ -173,7 +173,8 @@ class Config:
     # Derived at validation from the world size; not flags.
     world_size: int = 1
     data_parallel_size: int = 1
-    padded_vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = None         # the tokenizer's vocabulary (NullTokenizer adds its EOD)
+    padded_vocab_size: Optional[int] = None  # vocab_size rounded up for TP (pad_vocab_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +187,7 @@ class Config:
         cfg = cls()
         for section, klass in SECTIONS.items():
             setattr(cfg, section, klass(**d.get(section, {})))
-        for k in ("world_size", "data_parallel_size", "padded_vocab_size"):
+        for k in ("world_size", "data_parallel_size", "vocab_size", "padded_vocab_size"):
             if k in d:
                 setattr(cfg, k, d[k])
         return cfg
@@ -392,6 +393,13 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of divisible_by × TP."""
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def set_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> None:
+    """Record the tokenizer's vocabulary and its padded size (known only once the tokenizer exists)."""
+    cfg.vocab_size = tokenizer_vocab_size
+    cfg.padded_vocab_size = pad_vocab_size(tokenizer_vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                           cfg.parallel.tensor_model_parallel_size)
 
 
 def format_config(cfg: Config) -> str:

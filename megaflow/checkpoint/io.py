@@ -17,7 +17,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from megaflow.checkpoint.rng import get_rng_state, set_rng_state
+from megaflow.checkpoint.rng import get_rng_state
 from megaflow.parallel import state
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -109,7 +109,10 @@ def _load(path: str):
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, scaler=None, load_rng: bool = True,
                     iteration: int | None = None) -> dict:
-    """Restore in place; returns {'iteration', 'consumed_samples', 'extra'}."""
+    """Restore in place; returns {'iteration', 'consumed_samples', 'extra', 'rng_state'}.
+
+    The RNG state is returned, not applied: the caller applies it (checkpoint.rng.set_rng_state) after
+    everything that still draws random numbers during setup (a DataLoader iterator draws its seed)."""
     iteration = latest_iteration(root) if iteration is None else iteration
     if iteration is None:
         raise CheckpointError(f"--load {root}: no {TRACKER} (nothing saved there yet)")
@@ -125,8 +128,6 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, scaler=Non
         scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload["loss_scaler"] is not None:
         scaler.load_state_dict(payload["loss_scaler"])
-    if load_rng:
-        rng_path = os.path.join(rank_dir, f"rng_dp{state.get().dp_rank:03d}.pt")
-        set_rng_state(_load(rng_path))
+    rng_state = _load(os.path.join(rank_dir, f"rng_dp{state.get().dp_rank:03d}.pt")) if load_rng else None
     return {"iteration": payload["iteration"], "consumed_samples": payload["consumed_samples"],
-            "extra": payload.get("extra", {})}
+            "extra": payload.get("extra", {}), "rng_state": rng_state}

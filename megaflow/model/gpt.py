@@ -146,7 +146,7 @@ class GPTModel(nn.Module):
         vocab = cfg.padded_vocab_size
         if pre_process:
             self.word_embeddings = VocabParallelEmbedding(vocab, m.hidden_size, m.init_method_std,
-                                                          unpadded_vocab_size=cfg.data.vocab_size)
+                                                          unpadded_vocab_size=cfg.vocab_size)
             if m.position_embedding_type == "learned_absolute":
                 self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
                                                         device=st.device)
@@ -163,7 +163,7 @@ class GPTModel(nn.Module):
                 # A tied output layer on a later stage is a copy of the word embeddings: it gets the
                 # same initial values and its gradient is summed with theirs (embedding group).
                 self.output_layer.weight.shared_embedding = self.share_embeddings
-                self.output_layer.weight.vocab_rows = cfg.data.vocab_size
+                self.output_layer.weight.vocab_rows = cfg.vocab_size
         self.recompute = m.recompute_granularity == "full"
         self.recompute_method, self.recompute_num_layers = m.recompute_method or "uniform", \
             m.recompute_num_layers or 1

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megaflow.checkpoint import load_checkpoint, save_checkpoint
-from megaflow.config import Config, format_config, num_microbatches, pad_vocab_size
+from megaflow.checkpoint.rng import set_rng_state
+from megaflow.config import Config, format_config, num_microbatches, set_vocab_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from megaflow.model import build_model
 from megaflow.optim.loss_scaler import build_loss_scaler
@@ -79,10 +80,7 @@ class _Trainer:
                                    device=cfg.training.device)
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)
-        if cfg.data.vocab_size is None:
-            cfg.data.vocab_size = self.tokenizer.vocab_size
-        cfg.padded_vocab_size = pad_vocab_size(cfg.data.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                                               self.st.tp_size)
+        set_vocab_size(cfg, self.tokenizer.vocab_size)
         log.print_rank_0(format_config(cfg))
         self.model = build_model(cfg)
         self.train_iters = train_iterations(cfg)
@@ -92,10 +90,11 @@ class _Trainer:
         self.num_microbatches = num_microbatches(cfg)
         self.result = TrainResult()
         log.print_rank_0(memory_report(self.model, self.optimizer))
-        if cfg.checkpoint.load:
-            self._load()
+        rng_state = self._load() if cfg.checkpoint.load else None
         self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
         self._build_data()
+        if rng_state is not None:  # last: building the data iterators draws from torch's RNG
+            set_rng_state(rng_state)
 
     def _load(self):
         c = self.cfg.checkpoint
@@ -111,6 +110,7 @@ class _Trainer:
             self.bad_evals = info["extra"].get("evaluations_without_improvement", 0)
         log.print_rank_0(f"loaded checkpoint from {c.load} at iteration {info['iteration']}"
                          + (" (finetune: starting at iteration 0)" if finetune else ""))
+        return info["rng_state"]
 
     best_valid: float | None = None
     bad_evals: int = 0
@@ -118,14 +118,17 @@ class _Trainer:
     def _build_data(self):
         cfg, t = self.cfg, self.cfg.training
         gbs = t.global_batch_size
-        evals = (self.train_iters // t.eval_interval + 1) if t.eval_interval else 0
-        samples = (self.train_iters * gbs, evals * t.eval_iters * gbs, t.eval_iters * gbs)
-        train_ds, valid_ds, _ = build_train_valid_test_datasets(cfg, self.tokenizer, samples)
+        samples = (self.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, t.eval_iters * gbs)
+        train_ds, self.valid_ds, _ = build_train_valid_test_datasets(cfg, self.tokenizer, samples)
         self.train_iter = iter(build_data_loader(train_ds, cfg, self.result.consumed_samples))
-        self.valid_iter = None
-        if valid_ds is not None and t.eval_interval:
-            done_evals = self.result.iteration // t.eval_interval
-            self.valid_iter = iter(build_data_loader(valid_ds, cfg, done_evals * t.eval_iters * gbs))
+
+    def _valid_iterator(self):
+        """The same validation batches at every evaluation (unlike Megatron-LM, which walks on through
+        the split): losses of successive evaluations are then comparable, which early stopping needs.
+        A DataLoader iterator draws its seed from torch's RNG: fork it so evaluating does not shift
+        the training run's dropout stream."""
+        with torch.random.fork_rng(devices=[]):
+            return iter(build_data_loader(self.valid_ds, self.cfg, 0))
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -159,7 +162,7 @@ class _Trainer:
                 window = _fresh_window()
             saved_at = None
             stop = False
-            if t.eval_interval and r.iteration % t.eval_interval == 0 and self.valid_iter is not None:
+            if t.eval_interval and r.iteration % t.eval_interval == 0 and self.valid_ds is not None:
                 stop = self._evaluate_and_check()
             c = cfg.checkpoint
             exiting = stop or (t.exit_interval and r.iteration % t.exit_interval == 0)
@@ -194,7 +197,7 @@ class _Trainer:
 
     def _evaluate_and_check(self) -> bool:
         t, it = self.cfg.training, self.result.iteration
-        loss = evaluate(self.cfg, self.model, self.valid_iter, t.eval_iters, self.num_microbatches)
+        loss = evaluate(self.cfg, self.model, self._valid_iterator(), t.eval_iters, self.num_microbatches)
         improved = False
         if loss is not None:
             self.result.valid_losses[it] = loss

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from megaflow.config import config_from_kwargs, pad_vocab_size
+from megaflow.config import config_from_kwargs, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 
 
@@ -12,7 +12,7 @@ def tiny_cfg(style, **kw):
         args.update(group_query_attention=True, num_query_groups=2)
     args.update(kw)
     cfg = config_from_kwargs(**args)
-    cfg.padded_vocab_size = pad_vocab_size(cfg.data.vocab_size, 128, 1)
+    set_vocab_size(cfg, cfg.data.vocab_size)
     return cfg
 
 
