@@ -50,6 +50,14 @@ class SelfAttention(nn.Module):
         self.backend = m.attention_backend
         self.recompute_core = m.recompute_granularity == "selective"
 
+    def _rotary_tables(self, seq_len, device):
+        # Same tables every step: compute once per sequence length (not a parameter, not saved).
+        key = (seq_len, device)
+        if getattr(self, "_rotary_key", None) != key:
+            self._rotary = rotary_cos_sin(seq_len, self.head_dim, self.rotary_base, device=device)
+            self._rotary_key = key
+        return self._rotary
+
     def _core(self, q_bnsd, k_bgsd, v_bgsd):
         dropout_p = self.dropout_p if self.training else 0.0
         return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=dropout_p, backend=self.backend)
@@ -63,7 +71,7 @@ class SelfAttention(nn.Module):
         k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         if self.rope:
-            cos_sd, sin_sd = rotary_cos_sin(s, self.head_dim, self.rotary_base, device=q.device)
+            cos_sd, sin_sd = self._rotary_tables(s, q.device)
             q_bnsd = apply_rotary(q_bnsd, cos_sd, sin_sd, backend=self.backend)
             k_bgsd = apply_rotary(k_bgsd, cos_sd, sin_sd, backend=self.backend)
         if self.recompute_core and self.training:
