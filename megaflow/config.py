@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     for flag, (section, f) in FIELDS.items():
-        action, kw = f.metadata.get("action"), {"help": f.metadata.get("help"), "dest": f"{section}.{f.name}"}
+        help_text = (f.metadata.get("help") or "").replace("%", "%%")  # argparse formats help with %
+        action, kw = f.metadata.get("action"), {"help": help_text, "dest": f"{section}.{f.name}"}
         if action in ("store_true", "store_false"):
             p.add_argument(flag, action=action, **kw)
         elif action == "nargs+":
@@ -294,8 +295,10 @@ def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
     parser = build_parser()
     try:
         ns, unknown = parser.parse_known_args(argv)
-    except SystemExit as e:  # argparse already printed the flag and the problem
-        raise ConfigError("invalid command line (see the message above)") from e
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        raise ConfigError("invalid command line (argparse printed the flag and the problem above)") from e
     if unknown:
         raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see --help)")
     given = {tuple(k.split(".", 1)): v for k, v in vars(ns).items() if k != "config"}
