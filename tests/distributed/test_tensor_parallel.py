@@ -6,6 +6,7 @@ One torchrun launch (tp_worker.py) measures everything; each test below judges o
   - RNG: attention-dropout masks differ across TP ranks, replicated dropout does not, recompute
     replays dropout bit for bit (and would not without the tracker);
   - collectives per transformer layer and per training step (the table in docs/parallelism.md);
+  - pretrain() at three layouts gives the same losses; resuming restores the TP dropout streams;
   - three training steps at TP=2 (×DP=2) and TP=4, GPT-2 and Llama styles, with and without sequence
     parallelism and recompute: loss, grad norm, every gradient (re-assembled from the shards) and the
     updated weights equal the TP=1 run with the same seed, to fp32 round-off.
@@ -133,3 +134,23 @@ def test_training_matches_single_process(results, case):
     assert r["grad_rel_err"] <= 5e-6, r["grad_rel_err_per_step"]   # per tensor: max|Δ| / max|ref|
     assert r["weight_err"] <= 1e-6
     assert r["replica_spread"] == 0.0, "TP-replicated params/grads must stay identical across TP ranks"
+
+
+def test_pretrain_losses_equal_across_layouts(results):
+    """pretrain() itself, mock data, global batch 4: TP=1×DP=4, TP=2×DP=2, TP=4×DP=1."""
+    layouts = results["trainer"]["layouts"]
+    ref = layouts["1"]
+    assert len(ref) == 4
+    for tp in ("2", "4"):
+        assert layouts[tp].keys() == ref.keys()
+        for it in ref:
+            assert abs(layouts[tp][it] - ref[it]) <= 2e-6, (tp, it)
+
+
+def test_resume_continues_tp_dropout_streams_exactly(results):
+    """TP=2 with sequence parallelism (so every dropout draws from the tracker), full recompute, dropout
+    0.1: stopping at iteration 2 and resuming from the checkpoint gives the uninterrupted losses."""
+    t = results["trainer"]
+    assert t["first_half"] == {k: t["straight"][k] for k in ("1", "2")}
+    assert t["resumed"] == {k: t["straight"][k] for k in ("3", "4")}
+    assert t["resumed_without_rng"]["4"] != t["straight"]["4"], "RNG state should matter here"
