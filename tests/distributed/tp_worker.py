@@ -126,7 +126,8 @@ def compare(ref, run):
     names_match = all(set(run["grads"][s]) == set(ref["grads"][s]) for s in range(STEPS))
     return {"loss_err": max(abs(a - b) for a, b in zip(run["loss"], ref["loss"])),
             "norm_err": max(abs(a - b) / b for a, b in zip(run["grad_norm"], ref["grad_norm"])),
-            "grad_rel_err": max(e for e, _ in grad_err), "grad_rel_err_per_step": grad_err, "weight_err": weight_err, "names_match": names_match,
+            "grad_rel_err": max(e for e, _ in grad_err), "grad_rel_err_per_step": grad_err,
+            "weight_err": weight_err, "names_match": names_match,
             "replica_spread": run["spread"], "losses": run["loss"], "ref_losses": ref["loss"],
             "ref_update": ref["update"]}
 
@@ -300,6 +301,9 @@ COUNTED = {"all_reduce": "all_reduce", "all_gather": "all_gather", "all_gather_s
            "reduce_scatter_tensor": "reduce_scatter"}
 
 
+log_phase = ["fwd"]  # which phase the counted collectives belong to
+
+
 @contextlib.contextmanager
 def counting(log):
     """Record (kind, elements of the full (unsharded) tensor) of every collective on the TP group."""
@@ -328,8 +332,6 @@ def counting(log):
         for name, fn in originals.items():
             setattr(dist, name, fn)
 
-
-log_phase = ["fwd"]
 
 
 def check_collective_counts():
