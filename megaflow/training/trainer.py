@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megaflow.checkpoint import load_checkpoint, save_checkpoint
 from megaflow.checkpoint.rng import set_rng_state
-from megaflow.config import Config, format_config, num_microbatches, set_vocab_size
+from megaflow.config import Config, format_config, num_microbatches, set_vocab_size, virtual_pipeline_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from megaflow.model import build_model
 from megaflow.optim.loss_scaler import build_loss_scaler
@@ -78,7 +78,7 @@ class _Trainer:
         p = cfg.parallel
         self.st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                    backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
-                                   device=cfg.training.device)
+                                   device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg))
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)
         set_vocab_size(cfg, self.tokenizer.vocab_size)
