@@ -156,6 +156,9 @@ class LoggingConfig:
     log_interval: int = _f(100, "iterations between log lines")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here")
     peak_tflops: Optional[float] = _f(None, "per-device peak for MFU (default: from the device)")
+    pipeline_timeline_dir: Optional[str] = _f(None, "record each rank's (op, micro-batch, start, end) here "
+                                                    "(tools/pipeline_timeline.py draws it)")
+    pipeline_timeline_iters: int = _f(3, "how many of the first iterations to record")
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,

@@ -81,3 +81,52 @@ class TimelineRecorder:
             json.dump(doc, fh)
         return path
 
+
+# ---- reading recorded timelines (tools/pipeline_timeline.py) -------------------------------------
+
+def load(directory: str, all_ranks: bool = False) -> list[dict]:
+    """The recorded files of one pipeline (TP rank 0, DP rank 0; every rank with all_ranks), ordered
+    by pipeline stage."""
+    docs = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("timeline_rank") and name.endswith(".json"):
+            with open(os.path.join(directory, name)) as fh:
+                doc = json.load(fh)
+            if all_ranks or (doc.get("tp_rank", 0) == 0 and doc.get("dp_rank", 0) == 0):
+                docs.append(doc)
+    if not docs:
+        raise FileNotFoundError(f"no timeline_rank*.json in {directory}")
+    return sorted(docs, key=lambda d: (d["pp_rank"], d["rank"]))
+
+
+def measure(docs: list[dict], step: int = -1) -> dict:
+    """Bubble of one recorded step. The span runs from the first forward to the last backward of any
+    stage (the pipelined part of the step; zero_grad and the optimizer are outside it); a stage's
+    bubble is the share of the span it spends outside F and B (idle or blocked in a transfer).
+    Beside it: the formula (FORMATS.md §3) and the simulated schedule with each stage's measured mean
+    F and B times and free communication."""
+    from megaflow.pipeline.simulate import simulate, theoretical_bubble
+    rows = [[tuple(e) for e in d["steps"][step]["events"]] for d in docs]
+    compute = [[e for e in row if e[0] in ("F", "B")] for row in rows]
+    start = min(e[3] for row in compute for e in row)
+    end = max(e[4] for row in compute for e in row)
+    span = end - start
+    busy = [sum(e[4] - e[3] for e in row) for row in compute]
+    per_stage = [1.0 - b / span for b in busy]
+    pp, v, m = docs[0]["pp_size"], docs[0].get("virtual_pp_size", 1), docs[0]["num_microbatches"]
+
+    def mean_time(row, op):  # one stage's time per micro-batch (all its chunks)
+        ts = [e[4] - e[3] for e in row if e[0] == op]
+        return sum(ts) / len(ts) * v if ts else 0.0
+
+    simulated = None
+    if len(docs) == pp:  # one row per stage
+        sim = simulate(pp, m, v, t_forward=[mean_time(r, "F") for r in compute],
+                       t_backward=[mean_time(r, "B") for r in compute])
+        simulated = sim.mean_bubble()
+    return {"pp_size": pp, "virtual_pp_size": v, "num_microbatches": m,
+            "iteration": docs[0]["steps"][step]["iteration"], "span_seconds": span, "start": start,
+            "measured_per_stage": per_stage, "measured": sum(per_stage) / len(per_stage),
+            "theory": theoretical_bubble(pp, m, v), "simulated_with_measured_times": simulated,
+            "mean_forward_seconds": [mean_time(r, "F") for r in compute],
+            "mean_backward_seconds": [mean_time(r, "B") for r in compute], "rows": rows}

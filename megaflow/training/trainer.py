@@ -20,6 +20,7 @@ from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
 from megaflow.parallel import state
 from megaflow.parallel.random import model_parallel_seed
+from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.training import logging as log
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
@@ -93,6 +94,8 @@ class _Trainer:
         log.print_rank_0(memory_report(self.model, self.optimizer))
         rng_state = self._load() if cfg.checkpoint.load else None
         self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
+        self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
+                                         meta={"num_microbatches": self.num_microbatches})
         self._build_data()
         if rng_state is not None:  # last: building the data iterators draws from torch's RNG
             set_rng_state(rng_state)
@@ -140,8 +143,9 @@ class _Trainer:
         saved_at = None
         while r.iteration < self.train_iters:
             start = time.perf_counter()
-            step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
-                              self.num_microbatches)
+            with self.timeline.step(r.iteration + 1):
+                step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
+                                  self.num_microbatches)
             self.scheduler.step()
             elapsed = time.perf_counter() - start
             r.iteration += 1
@@ -178,6 +182,7 @@ class _Trainer:
         if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > 0:
             self._save()
         self.tb.close()
+        self.timeline.save()
         return r
 
     def _log(self, w, step, flops, peak):
