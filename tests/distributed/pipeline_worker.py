@@ -236,6 +236,8 @@ def main(suite):
             equivalence(f"eq_pp2_1f1b_m{m}", make_cfg(2, 2, "gpt2", m), m)
         equivalence("eq_pp2_1f1b_llama_m3", make_cfg(2, 2, "llama", 3), 3)
         equivalence("eq_pp2_uneven_m2", make_cfg(2, 3, "llama", 2, first=1), 2)
+        # Freed outputs and full activation recompute together (the recomputed forward runs in backward).
+        equivalence("eq_pp2_recompute_m3", make_cfg(2, 4, "gpt2", 3, recompute_granularity="full"), 3)
         for m in (2, 4):
             equivalence(f"eq_pp2_inter_m{m}", make_cfg(2, 4, "gpt2", m, vpp=1), m)
         equivalence("eq_pp2_inter_llama_m4", make_cfg(2, 6, "llama", 4, vpp=1), 4)

@@ -87,6 +87,7 @@ def test_pp4_world_equals_single_process(pp4, name, pp, chunks, schedule):
     ("eq_pp2_1f1b_m3", 1, ONE_F_ONE_B),
     ("eq_pp2_1f1b_llama_m3", 1, ONE_F_ONE_B),
     ("eq_pp2_uneven_m2", 1, ONE_F_ONE_B),           # 3 layers: 1 / 2
+    ("eq_pp2_recompute_m3", 1, ONE_F_ONE_B),        # --recompute-granularity full
     ("eq_pp2_inter_m2", 2, INTERLEAVED),
     ("eq_pp2_inter_m4", 2, INTERLEAVED),
     ("eq_pp2_inter_llama_m4", 3, INTERLEAVED),      # V = 3
