@@ -152,14 +152,17 @@ def test_pretrain_at_pp2_matches_pp1(pp2, single_process_runs, key):
     assert torch.equal(first, copy)
 
 
-def test_tensor_and_pipeline_parallelism_compose(pp4):
-    """TP=2 × PP=2 (sequence parallel, 1F1B) trains exactly like TP=2 × DP=2 on the same batches."""
+def test_tensor_and_pipeline_parallelism_compose(pp4, single_process_runs):
+    """TP=2 × PP=2 (sequence parallel, 1F1B) trains like TP=2 × DP=2 and like one process (same
+    model, same batches: the 'inter' reference has 4 layers and global batch 8 too)."""
     pipelined = [r for r in results(pp4, "train_tp2pp2") if r["losses"]]
     reference = [r for r in results(pp4, "train_tp2dp2") if r["losses"]]
     assert len(pipelined) == 2 and all(r["pp_rank"] == 1 for r in pipelined)   # both TP ranks of the last stage
+    single = single_process_runs["inter"]
     for r in pipelined:
         assert r["losses"] == pytest.approx(reference[-1]["losses"], rel=1e-5)
         assert r["valid_losses"] == pytest.approx(reference[-1]["valid_losses"], rel=1e-5)
+        assert {int(k): v for k, v in r["losses"].items()} == pytest.approx(single.losses, rel=1e-5)
 
 
 def run_tool(directory, png):
