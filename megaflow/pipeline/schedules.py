@@ -182,6 +182,9 @@ def forward_backward_pipelining_with_interleaving(
         autocast_ctx=contextlib.nullcontext, forward_step_func=forward_step, tensor_shape=None,
         deallocate_outputs: bool = True):
     """Interleaved 1F1B over the V chunks of an nn.ModuleList; M must be a multiple of PP."""
+    if len(model_chunks(model)) < 2:
+        raise ValueError("the interleaved schedule needs the V >= 2 model chunks build_model returns with "
+                         "--num-layers-per-virtual-pipeline-stage")
     return _run_pipelined(model, data_iterator, num_microbatches, forward_only, loss_scale, autocast_ctx,
                           forward_step_func, tensor_shape, deallocate_outputs)
 
