@@ -116,6 +116,8 @@ def get() -> ParallelState:
 def destroy() -> None:
     global _STATE
     if dist.is_initialized():
+        # Gloo aborts a process that tears down while a peer still talks to it: meet first.
+        dist.barrier()
         dist.destroy_process_group()
     _STATE = None
 
