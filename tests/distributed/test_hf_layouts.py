@@ -1,6 +1,7 @@
 """Checkpoints written by 4 ranks at TP=2 x PP=2 read back as the single-process model, and export to
 HF folders whose logits match it. Initialisation is layout-independent (model/init.py): the same
-seed gives the same full weights at any layout, so the single-process model is the reference."""
+seed gives the same full weights at any layout, so the single-process model is the reference.
+A checkpoint trained at TP=2 x DP=2 exports to a folder computing the logits the TP model computed."""
 import os
 
 import pytest
@@ -47,3 +48,10 @@ def test_tp2_pp2_checkpoints_read_and_export_like_one_process(tmp_path):
         ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             torch.testing.assert_close(hf(ids).logits, reference(ids)[..., :vocab], rtol=1e-5, atol=1e-5)
+
+    trained = torch.load(tmp_path / "trained_logits.pt", weights_only=True)
+    export_to_hf(str(tmp_path / "trained"), str(tmp_path / "trained_hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained_hf", dtype=torch.float32,
+                                                           local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(trained["ids"]).logits, trained["logits"], rtol=1e-5, atol=1e-5)
