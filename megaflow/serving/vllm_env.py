@@ -12,6 +12,7 @@ lives in a separate venv (no --system-site-packages), reused when it already imp
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def ensure_vllm(quiet: bool = False) -> str:
     python = venv_python(root)
     if vllm_version(python):
         return python
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    # One installer at a time (parallel test workers, two shells): the others wait, then reuse it.
+    with open(os.path.abspath(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not vllm_version(python):
+            _install(root, python, quiet)
+    return python
+
+
+def _install(root: str, python: str, quiet: bool) -> None:
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"installing vLLM into {root} (a few minutes, ~3.5 GB) ...")
     if not os.path.exists(python):
@@ -61,7 +72,6 @@ def ensure_vllm(quiet: bool = False) -> str:
         proc = subprocess.run([python, "-c", "import vllm"], capture_output=True, text=True)
         raise RuntimeError(f"vLLM installed into {root} but does not import:\n{proc.stderr[-3000:]}")
     log(f"vLLM {version} ready: {python}")
-    return python
 
 
 def main(argv=None) -> int:
