@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from megaflow.checkpoint.full_state import pad_rows
 from megaflow.config import Config, config_from_kwargs, set_vocab_size
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
@@ -206,7 +207,6 @@ def _gpt2_fields(hf: dict) -> dict:
 
 def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
     """A full megaflow state dict (vocabulary padded to cfg.padded_vocab_size with zero rows)."""
-    from megaflow.checkpoint.full_state import pad_rows
     m, arch = cfg.model, hf_architecture(cfg)
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if arch == GPT2:  # the original OpenAI files name weights without the "transformer." prefix

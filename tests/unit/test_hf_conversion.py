@@ -195,6 +195,24 @@ def test_huggingface_tokenizer_files_are_exported(tmp_path):
     assert theirs.chat_template
 
 
+def test_sentencepiece_tokenizer_is_exported(tmp_path):
+    import sentencepiece as spm
+    corpus = ["the quick brown fox jumps over the lazy dog", "megaflow trains tiny models on cpu"] * 100
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=50, model_type="bpe", minloglevel=2)
+    from megaflow.checkpoint.hf_tokenizer import export_tokenizer
+    from megaflow.data.tokenizers import SentencePieceTokenizer
+    cfg, _, _ = make("llama_gqa", tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model"))
+    os.makedirs(tmp_path / "hf")
+    ids = export_tokenizer(cfg.data, str(tmp_path / "hf"), 64)
+    ours, theirs = SentencePieceTokenizer(str(tmp_path / "sp.model")), \
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("the lazy fox trains models", " jumps over", "dog"):  # no BOS added, as megaflow encodes
+        assert theirs(text).input_ids == ours.tokenize(text)
+    assert ids["eos_token_id"] == ours.eod == theirs.eos_token_id
+
+
 def test_unsupported_models_fail_clearly():
     cfg, _, _ = make("gpt2", add_bias_linear=False)
     with pytest.raises(ConversionError, match="disable-bias-linear"):
