@@ -86,6 +86,9 @@ def load_full_state_dict(ckpt_dir: str, iteration: int | None = None) -> tuple[C
     not matter: DP rank 0 saves the model, whose parameters are whole on every DP rank)."""
     cfg, it = read_config(ckpt_dir, iteration)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if pp > 1 and cfg.parallel.num_layers_per_virtual_pipeline_stage:
+        raise CheckpointError(f"{ckpt_dir}: checkpoints of the interleaved pipeline schedule (model chunks "
+                              "per stage) cannot be read yet")
     layout = parameter_layout(cfg)
     pieces: dict[str, list] = {}
     for pp_rank in range(pp):
