@@ -13,7 +13,7 @@ from safetensors import safe_open
 from megaflow.checkpoint.convert import export_to_hf, import_from_hf, training_flags
 from megaflow.checkpoint.full_state import load_full_state_dict, save_full_state_dict
 from megaflow.checkpoint.hf import ConversionError, from_hf_config, to_hf_state_dict
-from megaflow.checkpoint.hf_folder import load_hf_weights, save_hf_folder
+from megaflow.checkpoint.hf_folder import load_hf_weights
 from megaflow.config import config_from_kwargs, parse_args, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 
