@@ -25,7 +25,7 @@ import torch
 
 from megaflow.checkpoint.io import (TRACKER, CheckpointError, _atomic_write_text, _load, _save, iteration_dir,
                                     latest_iteration)
-from megaflow.config import Config, pad_vocab_size
+from megaflow.config import Config, pad_vocab_size, validate
 from megaflow.layers.sharding import shard, unshard
 from megaflow.parallel import state
 
@@ -146,19 +146,20 @@ def save_full_state_dict(cfg: Config, state_dict: dict, save_dir: str, tp: int =
     only then the tracker file: an interrupted write never looks complete."""
     cfg, state_dict = repad_vocab(cfg, state_dict, tp)
     cfg.parallel.pipeline_model_parallel_size = pp
-    cfg.world_size, cfg.data_parallel_size = tp * pp, 1
+    cfg.world_size = tp * pp
+    validate(cfg)  # heads, query groups, FFN divisible by TP: else shards would cut heads apart
     layout = parameter_layout(cfg)
     missing = sorted(set(layout) - set(state_dict))
     extra = sorted(set(state_dict) - set(layout))
     if missing or extra:
         raise CheckpointError(f"state dict does not match the config: missing {missing}, unexpected {extra}")
+    stages = [stage_local_names(cfg, pp_rank, pp) for pp_rank in range(pp)]  # checks the layer split
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     _atomic_write_text(os.path.join(tmp, "config.json"), cfg.to_json())
-    for pp_rank in range(pp):
-        names = stage_local_names(cfg, pp_rank, pp)
+    for pp_rank, names in enumerate(stages):
         for tp_rank in range(tp):
             model_sd = {}
             for local, name in names.items():

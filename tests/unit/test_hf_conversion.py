@@ -14,7 +14,7 @@ from megaflow.checkpoint.convert import export_to_hf, import_from_hf, training_f
 from megaflow.checkpoint.full_state import load_full_state_dict, save_full_state_dict
 from megaflow.checkpoint.hf import ConversionError, from_hf_config, to_hf_state_dict
 from megaflow.checkpoint.hf_folder import load_hf_weights
-from megaflow.config import config_from_kwargs, parse_args, set_vocab_size
+from megaflow.config import ConfigError, config_from_kwargs, parse_args, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: always there in CI
@@ -213,7 +213,13 @@ def test_sentencepiece_tokenizer_is_exported(tmp_path):
     assert ids["eos_token_id"] == ours.eod == theirs.eos_token_id
 
 
-def test_unsupported_models_fail_clearly():
+def test_unsupported_models_fail_clearly(tmp_path):
+    cfg, _, sd = make("llama_gqa")  # 2 query groups cannot be split over 4 TP ranks
+    with pytest.raises(ConfigError, match="--num-query-groups"):
+        save_full_state_dict(cfg, sd, str(tmp_path), tp=4)
+    with pytest.raises(ValueError, match="not divisible"):  # 4 layers over 3 stages
+        save_full_state_dict(cfg, sd, str(tmp_path), pp=3)
+    assert os.listdir(tmp_path) == []  # nothing half-written
     cfg, _, _ = make("gpt2", add_bias_linear=False)
     with pytest.raises(ConversionError, match="disable-bias-linear"):
         to_hf_state_dict(cfg, {})
