@@ -13,16 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
 def attention_reference(q_bnsd, k_bnsd, v_bnsd, causal=True, softmax_scale=None):
-    """Plain torch, materialised probabilities, computed in fp32: the numerical reference."""
+    """Plain torch, materialised probabilities, computed in (at least) fp32: the numerical reference."""
     groups = q_bnsd.shape[1] // k_bnsd.shape[1]
-    k = k_bnsd.float().repeat_interleave(groups, dim=1)
-    v = v_bnsd.float().repeat_interleave(groups, dim=1)
+    k = at_least_fp32(k_bnsd).repeat_interleave(groups, dim=1)
+    v = at_least_fp32(v_bnsd).repeat_interleave(groups, dim=1)
     scale = softmax_scale if softmax_scale is not None else q_bnsd.shape[-1] ** -0.5
-    scores = (q_bnsd.float() @ k.transpose(-1, -2)) * scale
+    scores = (at_least_fp32(q_bnsd) @ k.transpose(-1, -2)) * scale
     if causal:
         s = q_bnsd.shape[2]
         mask = torch.ones(s, s, dtype=torch.bool, device=q_bnsd.device).triu(1)

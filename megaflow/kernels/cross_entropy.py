@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
 class ShardStats(NamedTuple):
@@ -45,7 +45,7 @@ class ShardStats(NamedTuple):
 
 
 def cross_entropy_reference(logits, labels, label_smoothing=0.0, ignore_index=-100):
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none",
+    return F.cross_entropy(at_least_fp32(logits).flatten(0, -2), labels.flatten(), reduction="none",
                            label_smoothing=label_smoothing, ignore_index=ignore_index).view(labels.shape)
 
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
 def layer_norm_reference(x, weight, bias, eps):
-    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(),
-                        eps).to(x.dtype)
+    return F.layer_norm(at_least_fp32(x), x.shape[-1:], at_least_fp32(weight),
+                        None if bias is None else at_least_fp32(bias), eps).to(x.dtype)
 
 
 def rms_norm_reference(x, weight, eps):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    xf = at_least_fp32(x)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * at_least_fp32(weight)).to(x.dtype)
 
 
 class TritonNormFunction(torch.autograd.Function):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
 def rotary_cos_sin(seq_len, head_dim, base=10000.0, device=None, position_ids=None):
@@ -33,7 +33,7 @@ def _rotate_half(x):
 
 
 def apply_rotary_reference(x_bnsd, cos_sd, sin_sd):
-    xf = x_bnsd.float()
+    xf = at_least_fp32(x_bnsd)
     return (xf * cos_sd + _rotate_half(xf) * sin_sd).to(x_bnsd.dtype)
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
 def swiglu_reference(x):
-    gate, up = x.float().chunk(2, dim=-1)
+    gate, up = at_least_fp32(x).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
 
 
