@@ -173,7 +173,8 @@ class Config:
     # Derived at validation from the world size; not flags.
     world_size: int = 1
     data_parallel_size: int = 1
-    padded_vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = None         # the tokenizer's vocabulary (NullTokenizer adds its EOD)
+    padded_vocab_size: Optional[int] = None  # vocab_size rounded up for TP (pad_vocab_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,7 +187,7 @@ class Config:
         cfg = cls()
         for section, klass in SECTIONS.items():
             setattr(cfg, section, klass(**d.get(section, {})))
-        for k in ("world_size", "data_parallel_size", "padded_vocab_size"):
+        for k in ("world_size", "data_parallel_size", "vocab_size", "padded_vocab_size"):
             if k in d:
                 setattr(cfg, k, d[k])
         return cfg
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     for flag, (section, f) in FIELDS.items():
-        action, kw = f.metadata.get("action"), {"help": f.metadata.get("help"), "dest": f"{section}.{f.name}"}
+        help_text = (f.metadata.get("help") or "").replace("%", "%%")  # argparse formats help with %
+        action, kw = f.metadata.get("action"), {"help": help_text, "dest": f"{section}.{f.name}"}
         if action in ("store_true", "store_false"):
             p.add_argument(flag, action=action, **kw)
         elif action == "nargs+":
@@ -293,8 +295,10 @@ def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
     parser = build_parser()
     try:
         ns, unknown = parser.parse_known_args(argv)
-    except SystemExit as e:  # argparse already printed the flag and the problem
-        raise ConfigError("invalid command line (see the message above)") from e
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        raise ConfigError("invalid command line (argparse printed the flag and the problem above)") from e
     if unknown:
         raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see --help)")
     given = {tuple(k.split(".", 1)): v for k, v in vars(ns).items() if k != "config"}
@@ -392,6 +396,13 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Megatron's padding: round the vocabulary up to a multiple of divisible_by × TP."""
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def set_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> None:
+    """Record the tokenizer's vocabulary and its padded size (known only once the tokenizer exists)."""
+    cfg.vocab_size = tokenizer_vocab_size
+    cfg.padded_vocab_size = pad_vocab_size(tokenizer_vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                           cfg.parallel.tensor_model_parallel_size)
 
 
 def format_config(cfg: Config) -> str:

@@ -1,1 +1,1 @@
-
+"""Optimizers, LR schedules, loss scaling and the gradient bookkeeping between backward and step."""

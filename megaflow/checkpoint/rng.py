@@ -1,0 +1,31 @@
+"""Capture and restore every random stream a training step touches, in a form that
+torch.load(weights_only=True) accepts (tensors, ints, tuples; no numpy objects)."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def get_rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {"python": random.getstate(),
+           "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(sd: dict) -> None:
+    random.setstate(_to_tuples(sd["python"]))
+    kind, keys, pos, has_gauss, cached = sd["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(sd["torch"])
+    if "cuda" in sd and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(sd["cuda"])
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

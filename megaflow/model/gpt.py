@@ -1,0 +1,230 @@
+"""A decoder-only GPT in two styles, built only from megaflow's tensor-parallel layers.
+
+    GPT-2 style: LayerNorm, learned absolute positions, GeLU MLP, biases, tied input/output embeddings.
+    Llama style: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases, untied output layer.
+
+Parallelism enters only through the layer classes (tensor parallelism) and the stage flags
+`pre_process` (this stage owns the embedding) / `post_process` (final norm, output layer, loss).
+
+Shape legend: b batch, s sequence (s/tp under sequence parallelism), h hidden, n heads on this rank,
+g query groups (kv heads) on this rank, d head dim, v vocabulary on this rank (padded / tp).
+Activations flow as x_sbh (sequence first, as in Megatron: sequence parallelism splits dim 0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megaflow.config import Config
+from megaflow.kernels.attention import attention
+from megaflow.kernels.rope import apply_rotary, rotary_cos_sin
+from megaflow.kernels.swiglu import swiglu
+from megaflow.layers.linear import column_parallel_matmul
+from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, build_norm,
+                             vocab_parallel_cross_entropy)
+from megaflow.parallel import mappings, state
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Config, output_std: float):
+        super().__init__()
+        m, sp, tp = cfg.model, cfg.parallel.sequence_parallel, state.get().tp_size
+        self.head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+        self.n_local = m.num_attention_heads // tp
+        self.g_local = m.num_query_groups // tp
+        q_size, kv_size = m.num_attention_heads * self.head_dim, m.num_query_groups * self.head_dim
+        # Fused [Q; K; V] projection; each block is split across TP on its own (layers/sharding.py).
+        self.linear_qkv = ColumnParallelLinear(m.hidden_size, q_size + 2 * kv_size, bias=m.add_bias_linear,
+                                               sequence_parallel=sp, fused_sizes=[q_size, kv_size, kv_size],
+                                               init_std=m.init_method_std)
+        self.linear_proj = RowParallelLinear(q_size, m.hidden_size, bias=m.add_bias_linear,
+                                             sequence_parallel=sp, init_std=output_std)
+        self.rope = m.position_embedding_type == "rope"
+        self.rotary_base = m.rotary_base
+        self.dropout_p = m.attention_dropout
+        self.backend = m.attention_backend
+        self.recompute_core = m.recompute_granularity == "selective"
+
+    def _rotary_tables(self, seq_len, device):
+        # Same tables every step: compute once per sequence length (not a parameter, not saved).
+        key = (seq_len, device)
+        if getattr(self, "_rotary_key", None) != key:
+            self._rotary = rotary_cos_sin(seq_len, self.head_dim, self.rotary_base, device=device)
+            self._rotary_key = key
+        return self._rotary
+
+    def _core(self, q_bnsd, k_bgsd, v_bgsd):
+        dropout_p = self.dropout_p if self.training else 0.0
+        return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=dropout_p, backend=self.backend)
+
+    def forward(self, x_sbh):
+        qkv = self.linear_qkv(x_sbh)                                   # [s, b, (n + 2g)·d]
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.split([self.n_local * self.head_dim, self.g_local * self.head_dim,
+                             self.g_local * self.head_dim], dim=-1)
+        q_bnsd = q.reshape(s, b, self.n_local, self.head_dim).permute(1, 2, 0, 3)
+        k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
+        v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
+        if self.rope:
+            cos_sd, sin_sd = self._rotary_tables(s, q.device)
+            q_bnsd = apply_rotary(q_bnsd, cos_sd, sin_sd, backend=self.backend)
+            k_bgsd = apply_rotary(k_bgsd, cos_sd, sin_sd, backend=self.backend)
+        if self.recompute_core and self.training:
+            # Selective recompute: attention's activations are the largest and cheapest to redo.
+            out_bnsd = checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd, use_reentrant=False)
+        else:
+            out_bnsd = self._core(q_bnsd, k_bgsd, v_bgsd)
+        out_sbh = out_bnsd.permute(2, 0, 1, 3).reshape(s, b, self.n_local * self.head_dim)
+        return self.linear_proj(out_sbh)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config, output_std: float):
+        super().__init__()
+        m, sp = cfg.model, cfg.parallel.sequence_parallel
+        self.swiglu = m.swiglu
+        fc1_sizes = [m.ffn_hidden_size, m.ffn_hidden_size] if m.swiglu else None  # [gate; up]
+        self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
+                                               bias=m.add_bias_linear, sequence_parallel=sp,
+                                               fused_sizes=fc1_sizes, init_std=m.init_method_std)
+        self.linear_fc2 = RowParallelLinear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias_linear,
+                                            sequence_parallel=sp, init_std=output_std)
+        self.backend = m.attention_backend
+
+    def forward(self, x_sbh):
+        h = self.linear_fc1(x_sbh)
+        h = swiglu(h, backend=self.backend) if self.swiglu else F.gelu(h, approximate="tanh")
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + dropout(attn(norm(x))), then x + dropout(mlp(norm(x)))."""
+
+    def __init__(self, cfg: Config, layer_number: int):
+        super().__init__()
+        m, sp = cfg.model, cfg.parallel.sequence_parallel
+        self.layer_number = layer_number  # global, 0-based: names and initial values follow it
+        output_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
+        self.input_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
+        self.self_attention = SelfAttention(cfg, output_std)
+        self.pre_mlp_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
+        self.mlp = MLP(cfg, output_std)
+        self.hidden_dropout = m.hidden_dropout
+
+    def forward(self, x_sbh):
+        x_sbh = x_sbh + F.dropout(self.self_attention(self.input_norm(x_sbh)), self.hidden_dropout,
+                                  self.training)
+        return x_sbh + F.dropout(self.mlp(self.pre_mlp_norm(x_sbh)), self.hidden_dropout, self.training)
+
+
+def stage_layer_numbers(cfg: Config, pp_rank: int, pp_size: int) -> list[int]:
+    """Global layer numbers held by a pipeline stage: even split, or uneven first/last stages."""
+    n, p = cfg.model.num_layers, cfg.parallel
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    counts = [None] * pp_size
+    if pp_size > 1 and first is not None:
+        counts[0] = first
+    if pp_size > 1 and last is not None:
+        counts[-1] = last
+    rest = n - sum(c for c in counts if c is not None)
+    free = [i for i, c in enumerate(counts) if c is None]
+    if free:
+        if rest % len(free):
+            raise ValueError(f"--num-layers {n} leaves {rest} layers for {len(free)} middle stages: "
+                             "not divisible")
+        for i in free:
+            counts[i] = rest // len(free)
+    start = sum(counts[:pp_rank])
+    return list(range(start, start + counts[pp_rank]))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: Config, pre_process: bool = True, post_process: bool = True,
+                 layer_numbers: Optional[list[int]] = None):
+        super().__init__()
+        m, st = cfg.model, state.get()
+        self.cfg, self.pre_process, self.post_process = cfg, pre_process, post_process
+        self.sequence_parallel = cfg.parallel.sequence_parallel
+        self.share_embeddings = not m.untie_embeddings_and_output_weights
+        vocab = cfg.padded_vocab_size
+        if pre_process:
+            self.word_embeddings = VocabParallelEmbedding(vocab, m.hidden_size, m.init_method_std,
+                                                          unpadded_vocab_size=cfg.vocab_size)
+            if m.position_embedding_type == "learned_absolute":
+                self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
+                                                        device=st.device)
+                self.position_embeddings.weight.init_std = m.init_method_std
+        layer_numbers = list(range(m.num_layers)) if layer_numbers is None else layer_numbers
+        self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in layer_numbers)
+        if post_process:
+            self.final_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend,
+                                         self.sequence_parallel)
+            if not (self.share_embeddings and pre_process):
+                self.output_layer = ColumnParallelLinear(m.hidden_size, vocab, bias=False,
+                                                         sequence_parallel=self.sequence_parallel,
+                                                         init_std=m.init_method_std)
+                # A tied output layer on a later stage is a copy of the word embeddings: it gets the
+                # same initial values and its gradient is summed with theirs (embedding group).
+                self.output_layer.weight.shared_embedding = self.share_embeddings
+                self.output_layer.weight.vocab_rows = cfg.vocab_size
+        self.recompute = m.recompute_granularity == "full"
+        self.recompute_method, self.recompute_num_layers = m.recompute_method or "uniform", \
+            m.recompute_num_layers or 1
+        self.embedding_dropout = m.hidden_dropout
+
+    def embed(self, input_ids_bs, position_ids_bs=None):
+        ids_sb = input_ids_bs.t()
+        x_sbh = self.word_embeddings.forward(ids_sb)
+        if hasattr(self, "position_embeddings"):
+            pos_sb = (torch.arange(ids_sb.shape[0], device=ids_sb.device).unsqueeze(1)
+                      if position_ids_bs is None else position_ids_bs.t())
+            x_sbh = x_sbh + self.position_embeddings(pos_sb)
+        if self.sequence_parallel:
+            x_sbh = mappings.reduce_scatter_to_sequence_parallel_region(x_sbh)
+        else:
+            x_sbh = mappings.reduce_from_tensor_parallel_region(x_sbh)
+        return F.dropout(x_sbh, self.embedding_dropout, self.training)
+
+    def _run_layers(self, x_sbh):
+        if not (self.recompute and self.training):
+            for layer in self.layers:
+                x_sbh = layer(x_sbh)
+            return x_sbh
+        n, k = len(self.layers), self.recompute_num_layers
+        if self.recompute_method == "uniform":  # checkpoint every chunk of k layers
+            for start in range(0, n, k):
+                chunk = self.layers[start:start + k]
+                x_sbh = checkpoint(lambda x, c=chunk: _run_chunk(c, x), x_sbh, use_reentrant=False)
+            return x_sbh
+        for i, layer in enumerate(self.layers):  # "block": checkpoint the first k layers only
+            x_sbh = checkpoint(layer, x_sbh, use_reentrant=False) if i < k else layer(x_sbh)
+        return x_sbh
+
+    def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None):
+        """First stage: input ids -> hidden. Middle: hidden -> hidden. Last stage: -> logits, or the
+        per-token loss [b, s] when labels are given."""
+        x_sbh = self.embed(input_ids_bs, position_ids_bs) if self.pre_process else hidden_sbh
+        x_sbh = self._run_layers(x_sbh)
+        if not self.post_process:
+            return x_sbh
+        x_sbh = self.final_norm(x_sbh)
+        if hasattr(self, "output_layer"):
+            logits_sbv = self.output_layer(x_sbh)
+        else:
+            logits_sbv = column_parallel_matmul(x_sbh, self.word_embeddings.weight,
+                                                sequence_parallel=self.sequence_parallel)
+        if labels_bs is None:
+            return logits_sbv.transpose(0, 1)
+        return vocab_parallel_cross_entropy(logits_sbv, labels_bs.t()).t()
+
+
+def _run_chunk(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+

@@ -1,0 +1,81 @@
+"""Console lines in Megatron-LM's shape and the same scalars in TensorBoard."""
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+
+from megaflow.parallel import state
+
+
+def is_logging_rank() -> bool:
+    """The last rank holds the loss (last pipeline stage), as Megatron's print_rank_last."""
+    st = state.get()
+    return st.rank == st.world_size - 1
+
+
+def print_rank_0(msg: str) -> None:
+    if state.get().rank == 0:
+        print(msg, flush=True)
+
+
+def print_rank_last(msg: str) -> None:
+    if is_logging_rank():
+        print(msg, flush=True)
+
+
+def iteration_line(it: int, train_iters: int, m: dict) -> str:
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [f" [{now}] iteration {it:8d}/{train_iters:8d}",
+             f" consumed samples: {m['consumed_samples']:12d}",
+             f" elapsed time per iteration (ms): {m['iteration_time'] * 1000:.1f}"]
+    if m.get("tflops") is not None:
+        parts.append(f" throughput per GPU (TFLOP/s/GPU): {m['tflops']:.1f}")
+    if m.get("mfu") is not None:
+        parts.append(f" MFU: {m['mfu'] * 100:.1f}%")
+    parts += [f" tokens per second: {m['tokens_per_second']:.1f}",
+              f" learning rate: {m['lr']:.6E}",
+              f" global batch size: {m['global_batch_size']:5d}"]
+    if m.get("lm_loss") is not None:
+        parts.append(f" lm loss: {m['lm_loss']:.6E}")
+    parts += [f" loss scale: {m['loss_scale']:.1f}"]
+    if m.get("grad_norm") is not None:
+        parts.append(f" grad norm: {m['grad_norm']:.3f}")
+    parts += [f" number of skipped iterations: {m['skipped']:3d}",
+              f" number of nan iterations: {m['nan']:3d}"]
+    return " |".join(parts) + " |"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))
+
+
+def validation_line(it: int, loss: float, label: str = "validation") -> str:
+    body = f" {label} loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {perplexity(loss):.6E} | "
+    bar = "-" * len(body)
+    return f"{bar}\n{body}\n{bar}"
+
+
+class TensorBoardLogger:
+    """SummaryWriter on the logging rank only; a no-op elsewhere or without --tensorboard-dir."""
+
+    def __init__(self, log_dir: str | None):
+        self.writer = None
+        if log_dir and is_logging_rank():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=log_dir, max_queue=1000)
+
+    def scalars(self, it: int, values: dict) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(name, value, it)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,231 @@
+"""pretrain(cfg): set up the process groups, data, model and optimizer, then the training loop with
+evaluation, logging, checkpointing, NaN detection, early stopping and --exit-interval."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaflow.checkpoint import load_checkpoint, save_checkpoint
+from megaflow.checkpoint.rng import set_rng_state
+from megaflow.config import Config, format_config, num_microbatches, set_vocab_size
+from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
+from megaflow.model import build_model
+from megaflow.optim.loss_scaler import build_loss_scaler
+from megaflow.optim.lr_scheduler import build_lr_scheduler
+from megaflow.optim.optimizer import build_optimizer
+from megaflow.parallel import state
+from megaflow.training import logging as log
+from megaflow.training.flops import device_peak_tflops, flops_per_iteration
+from megaflow.training.memory import memory_report
+from megaflow.training.step import evaluate, train_step
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (NaN loss, ...); the message says why and what was kept."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: dict = field(default_factory=dict)        # iteration -> lm loss (logging rank)
+    valid_losses: dict = field(default_factory=dict)  # iteration -> validation loss
+    skipped_iterations: int = 0
+    stopped_early: bool = False
+    last_checkpoint: str | None = None
+
+
+def set_seed(seed: int) -> None:
+    # Different pipeline stages hold different layers: give each its own dropout stream (as Megatron).
+    seed = seed + 100 * state.get().pp_rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (decisions that need the last stage's loss)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=state.get().device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _fresh_window() -> dict:
+    """Sums over the iterations since the last log line."""
+    return {"loss": 0.0, "n": 0, "time": 0.0, "iters": 0, "nan": 0, "skipped": 0}
+
+
+def train_iterations(cfg: Config) -> int:
+    t = cfg.training
+    if t.train_iters is not None:
+        return t.train_iters
+    if t.train_samples is not None:
+        return t.train_samples // t.global_batch_size
+    raise TrainingError("give --train-iters or --train-samples")
+
+
+class _Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        p = cfg.parallel
+        self.st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                   backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
+                                   device=cfg.training.device)
+        set_seed(cfg.training.seed)
+        self.tokenizer = build_tokenizer(cfg.data)
+        set_vocab_size(cfg, self.tokenizer.vocab_size)
+        log.print_rank_0(format_config(cfg))
+        self.model = build_model(cfg)
+        self.train_iters = train_iterations(cfg)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer, self.train_iters)
+        self.scaler = build_loss_scaler(cfg)
+        self.num_microbatches = num_microbatches(cfg)
+        self.result = TrainResult()
+        log.print_rank_0(memory_report(self.model, self.optimizer))
+        rng_state = self._load() if cfg.checkpoint.load else None
+        self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
+        self._build_data()
+        if rng_state is not None:  # last: building the data iterators draws from torch's RNG
+            set_rng_state(rng_state)
+
+    def _load(self):
+        c = self.cfg.checkpoint
+        finetune = c.finetune
+        info = load_checkpoint(c.load, self.model,
+                               optimizer=None if (finetune or c.no_load_optim) else self.optimizer,
+                               scheduler=None if (finetune or c.no_load_optim) else self.scheduler,
+                               scaler=None if finetune else self.scaler,
+                               load_rng=not (finetune or c.no_load_rng))
+        if not finetune:
+            self.result.iteration, self.result.consumed_samples = info["iteration"], info["consumed_samples"]
+            self.best_valid = info["extra"].get("best_valid_loss")
+            self.bad_evals = info["extra"].get("evaluations_without_improvement", 0)
+        log.print_rank_0(f"loaded checkpoint from {c.load} at iteration {info['iteration']}"
+                         + (" (finetune: starting at iteration 0)" if finetune else ""))
+        return info["rng_state"]
+
+    best_valid: float | None = None
+    bad_evals: int = 0
+
+    def _build_data(self):
+        cfg, t = self.cfg, self.cfg.training
+        gbs = t.global_batch_size
+        samples = (self.train_iters * gbs, t.eval_iters * gbs if t.eval_interval else 0, t.eval_iters * gbs)
+        train_ds, self.valid_ds, _ = build_train_valid_test_datasets(cfg, self.tokenizer, samples)
+        self.train_iter = iter(build_data_loader(train_ds, cfg, self.result.consumed_samples))
+
+    def _valid_iterator(self):
+        """The same validation batches at every evaluation (unlike Megatron-LM, which walks on through
+        the split): losses of successive evaluations are then comparable, which early stopping needs.
+        A DataLoader iterator draws its seed from torch's RNG: fork it so evaluating does not shift
+        the training run's dropout stream."""
+        with torch.random.fork_rng(devices=[]):
+            return iter(build_data_loader(self.valid_ds, self.cfg, 0))
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, t, r = self.cfg, self.cfg.training, self.result
+        flops = flops_per_iteration(cfg)
+        peak = device_peak_tflops(cfg, self.st.device)
+        window = _fresh_window()
+        saved_at = None
+        while r.iteration < self.train_iters:
+            start = time.perf_counter()
+            step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
+                              self.num_microbatches)
+            self.scheduler.step()
+            elapsed = time.perf_counter() - start
+            r.iteration += 1
+            r.consumed_samples += t.global_batch_size
+            bad = step.loss is not None and not np.isfinite(step.loss)
+            if _any_rank(bad and not step.skipped):
+                raise TrainingError(self._nan_message())
+            r.skipped_iterations += int(step.skipped)
+            window["skipped"] += int(step.skipped)
+            window["nan"] += int(bad)
+            window["time"] += elapsed
+            window["iters"] += 1
+            if step.loss is not None and not bad:
+                r.losses[r.iteration] = step.loss
+                window["loss"] += step.loss
+                window["n"] += 1
+            if r.iteration % cfg.logging.log_interval == 0 or r.iteration == self.train_iters:
+                self._log(window, step, flops, peak)
+                window = _fresh_window()
+            saved_at = None
+            stop = False
+            if t.eval_interval and r.iteration % t.eval_interval == 0 and self.valid_ds is not None:
+                stop = self._evaluate_and_check()
+            c = cfg.checkpoint
+            exiting = stop or (t.exit_interval and r.iteration % t.exit_interval == 0)
+            if c.save and ((c.save_interval and r.iteration % c.save_interval == 0) or exiting):
+                self._save()
+                saved_at = r.iteration
+            if exiting:
+                r.stopped_early = bool(stop)
+                log.print_rank_0(f"exiting at iteration {r.iteration}"
+                                 + (" (early stopping)" if stop else " (--exit-interval)"))
+                break
+        if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > 0:
+            self._save()
+        self.tb.close()
+        return r
+
+    def _log(self, w, step, flops, peak):
+        t, it = self.cfg.training, self.result.iteration
+        per_iter = w["time"] / max(w["iters"], 1)
+        tflops = flops / per_iter / self.st.world_size / 1e12
+        m = {"consumed_samples": self.result.consumed_samples, "iteration_time": per_iter, "tflops": tflops,
+             "mfu": tflops / peak if peak else None,
+             "tokens_per_second": t.global_batch_size * self.cfg.data.seq_length / per_iter,
+             "lr": self.optimizer.param_groups[0]["lr"], "global_batch_size": t.global_batch_size,
+             "lm_loss": w["loss"] / w["n"] if w["n"] else None, "loss_scale": step.loss_scale,
+             "grad_norm": step.grad_norm, "skipped": w["skipped"], "nan": w["nan"]}
+        log.print_rank_last(log.iteration_line(it, self.train_iters, m))
+        self.tb.scalars(it, {"learning-rate": m["lr"], "batch-size": t.global_batch_size,
+                             "lm loss": m["lm_loss"], "loss-scale": step.loss_scale, "grad-norm": step.grad_norm,
+                             "iteration-time": per_iter, "throughput": tflops,
+                             "tokens-per-second": m["tokens_per_second"]})
+
+    def _evaluate_and_check(self) -> bool:
+        t, it = self.cfg.training, self.result.iteration
+        loss = evaluate(self.cfg, self.model, self._valid_iterator(), t.eval_iters, self.num_microbatches)
+        improved = False
+        if loss is not None:
+            self.result.valid_losses[it] = loss
+            log.print_rank_last(log.validation_line(it, loss))
+            self.tb.scalars(it, {"lm loss validation": loss, "lm loss validation ppl": log.perplexity(loss)})
+            improved = self.best_valid is None or loss < self.best_valid
+            if improved:
+                self.best_valid = loss
+        improved = _any_rank(improved)
+        self.bad_evals = 0 if improved else self.bad_evals + 1
+        patience = t.early_stopping_patience
+        return bool(patience and self.bad_evals >= patience)
+
+    def _save(self):
+        r = self.result
+        extra = {"best_valid_loss": self.best_valid, "evaluations_without_improvement": self.bad_evals}
+        r.last_checkpoint = save_checkpoint(self.cfg.checkpoint.save, r.iteration, self.model, self.optimizer,
+                                            self.scheduler, self.scaler, r.consumed_samples,
+                                            self.cfg.to_json(), extra)
+        log.print_rank_0(f"saved checkpoint at iteration {r.iteration} to {r.last_checkpoint}")
+
+    def _nan_message(self) -> str:
+        last = self.result.last_checkpoint
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+        return (f"loss is NaN or Inf at iteration {self.result.iteration}; stopping ({kept}). "
+                "Try a lower --lr, --clip-grad, or --bf16 instead of --fp16.")
+
+
+def pretrain(cfg: Config) -> TrainResult:
+    """Train as configured; returns the loss history (on the logging rank) and the final position."""
+    return _Trainer(cfg).run()
