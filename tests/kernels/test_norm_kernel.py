@@ -33,6 +33,7 @@ def run(kind, backend, x, w, b, r, gy, gh):
     ((3, 7, 50), "same", True),    # fused residual add, h used downstream
     ((6, 48), "same", False),      # fused residual add, h unused (its gradient is None)
     ((6, 48), "fp32", True),       # fp32 residual stream with a low-precision branch
+    ((5, 8, 64), "same", True),    # 14-row chunks per backward program: two row tiles each
 ])
 def test_norm_matches_reference(kind, shape, residual, grad_h, dtype):
     n = shape[-1]
