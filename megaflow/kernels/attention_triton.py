@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from megaflow.kernels.triton_utils import (INTERPRET, check_tensors, cuda_capability, dot_precision,
-                                           mma_operand, next_pow2)
+                                           next_pow2)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -74,23 +74,6 @@ def _key(names):
 
 
 @triton.jit
-def _load_tile(ptrs, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
-    """A [rows, BLOCK_D] tile; masks only where needed so in-bounds tiles load unpredicated."""
-    if CHECK_ROWS:
-        if HEAD_DIM == BLOCK_D:
-            t = tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
-        else:
-            t = tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == BLOCK_D:
-            t = tl.load(ptrs)
-        else:
-            t = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    return t
-
-
-@triton.jit
 def _keep(seed, rng_base, offs_m, offs_n, s_k, dropout_p):
     """Dropout keep-mask [len(offs_m), len(offs_n)] from the elements' flat (query, key) index."""
     offs = rng_base + offs_m[:, None].to(tl.int64) * s_k + offs_n[None, :]
@@ -102,12 +85,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                qk_scale, seed, rng_base, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, INTERPRET_MODE: tl.constexpr):
+               PRECISION: tl.constexpr, MMA_TY: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, s_k, offs_d,
-                       HEAD_DIM, BLOCK_D, BOUNDS)
-        qk = tl.dot(q, tl.trans(mma_operand(k, INTERPRET_MODE)), input_precision=PRECISION) * qk_scale
+        kv_mask = offs_d[None, :] < HEAD_DIM  # all-true unless head_dim was padded
+        if BOUNDS:
+            kv_mask = kv_mask & (offs_n[:, None] < s_k)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(MMA_TY)), input_precision=PRECISION) * qk_scale
         if CAUSAL_MASK:
             qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
         if BOUNDS:
@@ -119,9 +104,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
         acc = acc * alpha[:, None]
         if DROPOUT:
             p = tl.where(_keep(seed, rng_base, offs_m, offs_n, s_k, dropout_p), p / (1.0 - dropout_p), 0.0)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, s_k, offs_d,
-                       HEAD_DIM, BLOCK_D, BOUNDS)
-        acc = tl.dot(mma_operand(p.to(v.dtype), INTERPRET_MODE), mma_operand(v, INTERPRET_MODE), acc,
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype).to(MMA_TY), v.to(MMA_TY), acc,
                      input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -137,7 +121,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED,
                      n_heads, s_q, s_k, sm_scale, dropout_p, seq_bucket,
                      GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                     INTERPRET_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     MMA_TY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -149,9 +133,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED,
     v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, s_q, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    q = mma_operand(q, INTERPRET_MODE)
+    q_mask = (offs_m[:, None] < s_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0).to(MMA_TY)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): scores in base 2
     seed = 0
     if DROPOUT:
@@ -163,19 +146,19 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEED,
     if CAUSAL:  # s_q == s_k: blocks left of the diagonal block are whole, in bounds and unmasked
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                    0, start_m, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N, False, False, DROPOUT, PRECISION, INTERPRET_MODE)
+                                   BLOCK_D, BLOCK_N, False, False, DROPOUT, PRECISION, MMA_TY)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                    start_m, tl.minimum(start_m + BLOCK_M, s_k), s_k, qk_scale, seed,
                                    rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, DROPOUT,
-                                   PRECISION, INTERPRET_MODE)
+                                   PRECISION, MMA_TY)
     else:
         n_full = (s_k // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                    0, n_full, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N, False, False, DROPOUT, PRECISION, INTERPRET_MODE)
+                                   BLOCK_D, BLOCK_N, False, False, DROPOUT, PRECISION, MMA_TY)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                                    n_full, s_k, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N, False, True, DROPOUT, PRECISION, INTERPRET_MODE)
+                                   BLOCK_D, BLOCK_N, False, True, DROPOUT, PRECISION, MMA_TY)
     acc = acc / l_i[:, None]
     row_ok = offs_m < s_q
     tl.store(LSE + bh.to(tl.int64) * s_q + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
@@ -195,10 +178,11 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, s
     h = bh % n_heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                   + offs_m[:, None] * stride_om + offs_d[None, :], offs_m, s_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, s_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    mask = (offs_m[:, None] < s_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * s_q + offs_m, delta, mask=offs_m < s_q)
 
@@ -208,22 +192,19 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
                 offs_d, lo, hi, s_q, s_k, qk_scale, seed, rng_base, dropout_p,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 CAUSAL_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                INTERPRET_MODE: tl.constexpr):
+                MMA_TY: tl.constexpr):
     """Accumulate one query head's contribution to a key block's dK, dV (transposed: [keys, queries])."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, s_q, offs_d,
-                       HEAD_DIM, BLOCK_D, True)
-        q = mma_operand(q, INTERPRET_MODE)
+        q_mask = (offs_m[:, None] < s_q) & (offs_d[None, :] < HEAD_DIM)
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0).to(MMA_TY)
         # Rows past s_q get lse = +inf, so their probabilities are exactly 0.
         lse2 = tl.load(lse_base + offs_m, mask=offs_m < s_q, other=float("inf")) * 1.4426950408889634
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, s_q, offs_d,
-                        HEAD_DIM, BLOCK_D, True)
-        do = mma_operand(do, INTERPRET_MODE)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0).to(MMA_TY)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = tl.trans(_keep(seed, rng_base, offs_m, offs_n, s_k, dropout_p))
@@ -231,11 +212,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, 
             dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
         else:
             pd_t = p_t
-        dv = tl.dot(mma_operand(pd_t.to(q_base.dtype.element_ty), INTERPRET_MODE), do, dv,
+        dv = tl.dot(pd_t.to(q_base.dtype.element_ty).to(MMA_TY), do, dv,
                     input_precision=PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < s_q, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(mma_operand(ds_t.to(q_base.dtype.element_ty), INTERPRET_MODE), q, dk,
+        dk = tl.dot(ds_t.to(q_base.dtype.element_ty).to(MMA_TY), q, dk,
                     input_precision=PRECISION)
     return dk, dv
 
@@ -251,7 +232,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
                           n_kv_heads, s_q, s_k, sm_scale, dropout_p, seq_bucket,
                           GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                          INTERPRET_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          MMA_TY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N
     bkv = tl.program_id(1)
@@ -259,12 +240,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
     kvh = bkv % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-                   + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, s_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-                   + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, s_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    k = mma_operand(k, INTERPRET_MODE)
-    v = mma_operand(v, INTERPRET_MODE)
+    kv_mask = (offs_n[:, None] < s_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(MMA_TY)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(MMA_TY)
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
     if DROPOUT:
@@ -283,16 +263,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
                                  stride_dom, offs_n, offs_d, start_n, tl.minimum(start_n + BLOCK_N, s_q),
                                  s_q, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M,
-                                 True, DROPOUT, PRECISION, INTERPRET_MODE)
+                                 True, DROPOUT, PRECISION, MMA_TY)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
                                  stride_dom, offs_n, offs_d, start_n + BLOCK_N, s_q, s_q, s_k, qk_scale,
                                  seed, rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, DROPOUT,
-                                 PRECISION, INTERPRET_MODE)
+                                 PRECISION, MMA_TY)
         else:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm,
                                  stride_dom, offs_n, offs_d, 0, s_q, s_q, s_k, qk_scale, seed, rng_base,
                                  dropout_p, HEAD_DIM, BLOCK_D, BLOCK_M, False, DROPOUT, PRECISION,
-                                 INTERPRET_MODE)
+                                 MMA_TY)
     mask = (offs_n[:, None] < s_k) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
@@ -305,13 +285,14 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs
               qk_scale, seed, rng_base, dropout_p,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL_MASK: tl.constexpr, BOUNDS: tl.constexpr, DROPOUT: tl.constexpr,
-              PRECISION: tl.constexpr, INTERPRET_MODE: tl.constexpr):
+              PRECISION: tl.constexpr, MMA_TY: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = mma_operand(_load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, s_k,
-                                   offs_d, HEAD_DIM, BLOCK_D, BOUNDS), INTERPRET_MODE)
-        v = mma_operand(_load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, s_k,
-                                   offs_d, HEAD_DIM, BLOCK_D, BOUNDS), INTERPRET_MODE)
+        kv_mask = offs_d[None, :] < HEAD_DIM  # all-true unless head_dim was padded
+        if BOUNDS:
+            kv_mask = kv_mask & (offs_n[:, None] < s_k)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0).to(MMA_TY)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0).to(MMA_TY)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if CAUSAL_MASK:
@@ -321,7 +302,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs
         if DROPOUT:
             dp = tl.where(_keep(seed, rng_base, offs_m, offs_n, s_k, dropout_p), dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(mma_operand(ds.to(k_base.dtype.element_ty), INTERPRET_MODE), k, dq,
+        dq = tl.dot(ds.to(k_base.dtype.element_ty).to(MMA_TY), k, dq,
                     input_precision=PRECISION)
     return dq
 
@@ -337,7 +318,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED,
                         n_heads, s_q, s_k, sm_scale, dropout_p, seq_bucket,
                         GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                        INTERPRET_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        MMA_TY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -346,12 +327,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED,
     kvh = h // GROUPS
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
-                   + offs_d[None, :], offs_m, s_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                    + offs_m[:, None] * stride_dom + offs_d[None, :], offs_m, s_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    q = mma_operand(q, INTERPRET_MODE)
-    do = mma_operand(do, INTERPRET_MODE)
+    q_mask = (offs_m[:, None] < s_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm
+                + offs_d[None, :], mask=q_mask, other=0.0).to(MMA_TY)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0).to(MMA_TY)
     row_ok = offs_m < s_q
     lse2 = tl.load(LSE + bh.to(tl.int64) * s_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * s_q + offs_m, mask=row_ok, other=0.0)
@@ -366,19 +346,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEED,
     if CAUSAL:
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0,
                        start_m, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
-                       False, False, DROPOUT, PRECISION, INTERPRET_MODE)
+                       False, False, DROPOUT, PRECISION, MMA_TY)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        start_m, tl.minimum(start_m + BLOCK_M, s_k), s_k, qk_scale, seed, rng_base,
                        dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, True, True, DROPOUT, PRECISION,
-                       INTERPRET_MODE)
+                       MMA_TY)
     else:
         n_full = (s_k // BLOCK_N) * BLOCK_N
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, 0,
                        n_full, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
-                       False, False, DROPOUT, PRECISION, INTERPRET_MODE)
+                       False, False, DROPOUT, PRECISION, MMA_TY)
         dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
                        n_full, s_k, s_k, qk_scale, seed, rng_base, dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N,
-                       False, True, DROPOUT, PRECISION, INTERPRET_MODE)
+                       False, True, DROPOUT, PRECISION, MMA_TY)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -398,11 +378,22 @@ def _dropout_mask_kernel(SEED, KEEP, s_q, s_k, dropout_p, BLOCK_M: tl.constexpr,
 # Launchers (the autograd Function is in attention.py)
 # ----------------------------------------------------------------------------------------------
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _mma_type(dtype):
+    """The dtype of tl.dot operands. On the GPU the storage dtype (fp16/bf16 feed the tensor cores,
+    accumulation is fp32; casting to it is a no-op); the interpreter multiplies bf16 bit patterns
+    wrongly, so there every operand is cast to fp32 (after rounding p and dS to the storage dtype,
+    as the GPU does)."""
+    return tl.float32 if INTERPRET else _TL_DTYPES[dtype]
+
+
 def _statics(q_bnsd, k_bnsd, causal, dropout_p):
     d = q_bnsd.shape[-1]
     return dict(GROUPS=q_bnsd.shape[1] // k_bnsd.shape[1], HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)),
                 CAUSAL=bool(causal), DROPOUT=dropout_p > 0, PRECISION=dot_precision(q_bnsd.dtype),
-                INTERPRET_MODE=INTERPRET, seq_bucket=next_pow2(k_bnsd.shape[2]))
+                MMA_TY=_mma_type(q_bnsd.dtype), seq_bucket=next_pow2(k_bnsd.shape[2]))
 
 
 def check_inputs(q_bnsd, k_bnsd, v_bnsd, causal, dropout_p):

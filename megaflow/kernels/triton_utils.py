@@ -10,7 +10,6 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 # Read once, when the kernels below and in the sibling modules are being defined: a kernel is an
 # interpreted function or a compiled one for its whole life, so this is the value that matters.
@@ -63,12 +62,3 @@ def cuda_capability(t: torch.Tensor) -> tuple[int, int]:
     if not t.is_cuda:
         return (0, 0)
     return torch.cuda.get_device_capability(t.device)
-
-
-@triton.jit
-def mma_operand(x, INTERPRET_MODE: tl.constexpr):
-    """A tl.dot operand. On the GPU it stays in its storage dtype (fp16/bf16 feed the tensor cores,
-    accumulation is fp32); the interpreter multiplies bf16 bit patterns wrongly, so it gets fp32."""
-    if INTERPRET_MODE:
-        x = x.to(tl.float32)
-    return x
