@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
+from megaflow.kernels.dispatch import OPTIONAL_BACKENDS, at_least_fp32, resolve_backend
 
 
 def rotary_cos_sin(seq_len, head_dim, base=10000.0, device=None, position_ids=None):
@@ -54,6 +54,10 @@ class TritonRotaryFunction(torch.autograd.Function):
 
 
 def apply_rotary(x_bnsd, cos_sd, sin_sd, backend="auto"):
+    if backend in OPTIONAL_BACKENDS:
+        # The model passes its attention backend here too; flash-attn and apex bring no wrapped
+        # version of this op, so their names select this op's default ("auto").
+        backend = "auto"
     backend = resolve_backend(backend, x_bnsd)
     if backend == "torch":
         return x_bnsd * cos_sd.to(x_bnsd.dtype) + _rotate_half(x_bnsd) * sin_sd.to(x_bnsd.dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
+from megaflow.kernels.dispatch import OPTIONAL_BACKENDS, at_least_fp32, resolve_backend
 
 
 def swiglu_reference(x):
@@ -32,6 +32,10 @@ class TritonSwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(x, backend="auto"):
+    if backend in OPTIONAL_BACKENDS:
+        # The model passes its attention backend here too; flash-attn and apex bring no wrapped
+        # version of this op, so their names select this op's default ("auto").
+        backend = "auto"
     backend = resolve_backend(backend, x)
     if backend == "torch":
         gate, up = x.chunk(2, dim=-1)

@@ -49,6 +49,13 @@ def test_apex_backend_without_the_package(op):
         CALLS[op]("apex")
 
 
+@pytest.mark.parametrize("op", ["rope", "swiglu"])
+@pytest.mark.parametrize("name", ["flash-attn", "apex"])
+def test_ops_without_a_package_version_take_their_default(op, name):
+    """The model hands its attention backend to rope and swiglu as well."""
+    assert torch.equal(CALLS[op](name), CALLS[op]("auto"))
+
+
 def test_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
     monkeypatch.setattr(triton_utils, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
