@@ -18,7 +18,6 @@ import importlib.util
 import sys
 
 import torch
-import torch.nn.functional as F
 
 DTYPE = torch.bfloat16
 

@@ -52,13 +52,6 @@ def num_programs_for_rows(n_rows: int, device: torch.device, interpret_programs:
     return max(1, min(n_rows, 4 * _sm_count(device.index if device.index is not None else 0)))
 
 
-def row_kernel_warps(block: int) -> int:
-    """Warps for one-row-per-program kernels: one warp per 256 elements, 1..16 (norm, softmax)."""
-    return min(max(block // 256, 1), 16)
-
-
-def cuda_capability(t: torch.Tensor) -> tuple[int, int]:
-    """(major, minor) of the tensor's GPU; (0, 0) in the interpreter."""
-    if not t.is_cuda:
-        return (0, 0)
-    return torch.cuda.get_device_capability(t.device)
+def row_kernel_warps(tile_elems: int) -> int:
+    """Warps for a row-reduction tile (norms): one warp per 256 elements, 1..16."""
+    return min(max(tile_elems // 256, 1), 16)
