@@ -1,5 +1,6 @@
 """The model on the Triton kernels (in the interpreter) against the same model on torch ops:
-two real training steps through megaflow's trainer, and every parameter gradient of one step.
+two real training steps through megaflow's trainer, and every parameter gradient of one step;
+and Triton attention dropout under the model's RNG streams and selective recompute.
 
 --attention-backend triton routes attention, RoPE and SwiGLU to Triton, --norm-backend triton the
 norms. The loss has no backend flag (the model calls cross_entropy with "auto", which is Triton on
@@ -17,6 +18,7 @@ import megaflow.kernels.norm_triton as norm_triton
 from megaflow.config import config_from_kwargs, parse_args, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 from megaflow.parallel import state
+from megaflow.parallel.random import model_parallel_seed
 from megaflow.training.trainer import pretrain
 
 TINY = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "200", "--num-layers", "2",
@@ -105,3 +107,31 @@ def test_every_parameter_gradient_matches_torch_backend(style, monkeypatch):
     for name, g in grads["torch"].items():
         scale = g.abs().max().item()
         torch.testing.assert_close(grads["triton"][name], g, rtol=0, atol=1e-5 * max(scale, 1e-3), msg=name)
+
+
+def test_triton_attention_dropout_is_replayed_by_recompute(monkeypatch):
+    """Attention dropout on the Triton kernels draws its Philox seed from the (model-parallel) torch
+    generator, so selective recompute regenerates the same mask: gradients equal those without
+    recompute, and differ from a run without dropout."""
+    ids = torch.randint(0, 200, (2, 25), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for name, extra in (("plain", {}), ("recompute", dict(recompute_granularity="selective")),
+                        ("no-dropout", dict(attention_dropout=0.0))):
+        kw = dict(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=24, vocab_size=200,
+                  hidden_dropout=0.0, attention_dropout=0.3, attention_backend="triton", norm_backend="torch",
+                  **STYLES["llama"])
+        kw.update(extra)
+        cfg = config_from_kwargs(**kw)
+        set_vocab_size(cfg, cfg.data.vocab_size)
+        try:
+            model = build_model(cfg)
+            model.train()
+            model_parallel_seed(5)  # both streams: attention dropout draws from the model-parallel one
+            model(ids[:, :-1], labels_bs=ids[:, 1:]).mean().backward()
+            grads[name] = {n: p.grad.clone() for n, p in global_named_parameters(model)}
+        finally:
+            state.destroy()
+    for n, g in grads["plain"].items():
+        torch.testing.assert_close(grads["recompute"][n], g, rtol=0, atol=0, msg=n)
+    qkv = "layers.0.self_attention.linear_qkv.weight"
+    assert not torch.allclose(grads["plain"][qkv], grads["no-dropout"][qkv])
