@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "build_tokenizer": "tokenizers", "build_train_valid_test_datasets": "builder",
-    "build_data_loader": "loader", "IndexedDataset": "indexed_dataset",
+    "build_data_loader": "loader", "train_valid_test_num_samples": "builder", "IndexedDataset": "indexed_dataset",
     "IndexedDatasetBuilder": "indexed_dataset", "GPTDataset": "gpt_dataset", "GPTDatasetConfig": "gpt_dataset",
     "MockLowLevelDataset": "gpt_dataset", "BlendedDataset": "blended_dataset",
     "MegatronPretrainingSampler": "sampler",

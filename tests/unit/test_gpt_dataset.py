@@ -136,3 +136,10 @@ def test_reset_attention_mask_batches(data, tmp_path):
     assert b["attention_mask"].shape == (2, 1, 16, 16) and b["attention_mask"].dtype == torch.bool
     eod_at = b["tokens"] == EOD
     assert (b["loss_mask"][eod_at] == 0).all()
+
+
+def test_megatron_sample_counts():
+    from megaflow.data import train_valid_test_num_samples
+    cfg = _cfg(mock_data=True, train_iters=1000, eval_interval=100, eval_iters=10, global_batch_size=8,
+               micro_batch_size=2)
+    assert train_valid_test_num_samples(cfg) == [8000, 10 * 8 * 11, 80]

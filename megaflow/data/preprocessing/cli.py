@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-sequential-samples", action="store_true", help="with --partitions: keep input order")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
     g.add_argument("--quiet", action="store_true", help="no progress display")
-    g.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per work item")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 19, help="input bytes per work item")
     g = p.add_argument_group("cleaning (all off by default)")
     g.add_argument("--strip-html", action="store_true", help="remove HTML tags, scripts, styles; unescape entities")
     g.add_argument("--normalize-unicode", action="store_true", help="NFKC-normalise the text")
