@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 
 def write_index(prefix, tokens, seed=0):
     """Document lengths ~ lognormal (median ~600 tokens, long tail), summing to `tokens`."""
-    from megaflow.data.indexed_dataset import HEADER_SIZE, MAGIC, VERSION
+    from megaflow.data.indexed_dataset import MAGIC, VERSION
     import struct
     rng = np.random.RandomState(seed)
     lengths = np.clip(rng.lognormal(6.4, 1.0, size=int(tokens / 600 * 1.3)), 1, 200_000).astype(np.int64)

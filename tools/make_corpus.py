@@ -7,8 +7,9 @@ library, as JSONL (one document per line, {"text": ...}), in a deterministic ord
 --source docstrings : every module, class and function docstring (prefixed with its dotted name)
 --source code       : every stdlib .py file's source
 --source both       : (default) a module's docstrings, then its source, module by module
-site-packages, files that do not parse and (unless --include-tests) the test suites are skipped. The same interpreter always gives
-the same bytes, so the corpus (and everything trained on it) is reproducible.
+site-packages, files that do not parse and (unless --include-tests) the test suites are skipped. The
+same interpreter always gives the same bytes, so the corpus (and everything trained on it) is
+reproducible.
 """
 import argparse
 import ast

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,7 +80,7 @@ def test_train_sentencepiece(tmp_path, model_type):
     m = pb.ModelProto()
     m.ParseFromString(open(prefix + ".model", "rb").read())
     assert m.trainer_spec.model_type == expected
-    tok = build_tokenizer(type("C", (), dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=prefix + ".model")))
+    tok = build_tokenizer(SimpleNamespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=prefix + ".model"))
     text = "the tensor pipeline über"
     assert tok.detokenize(tok.tokenize(text)) == text
 
@@ -90,7 +91,7 @@ def test_train_huggingface_loads_in_transformers(tmp_path):
     out = str(tmp_path / "hf")
     assert tool("train_tokenizer").main(["--input", inp, "--tokenizer-type", "HuggingFaceTokenizer",
                                          "--vocab-size", "400", "--output", out]) == 0
-    ours = build_tokenizer(type("C", (), dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=out)))
+    ours = build_tokenizer(SimpleNamespace(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=out))
     ref = AutoTokenizer.from_pretrained(out)
     text = "Gradient loss of the parallel stage! 東京"
     assert ours.tokenize(text) == ref(text)["input_ids"]

@@ -230,3 +230,19 @@ def test_cli_progress_lines_and_errors(tmp_path):
     assert r.returncode == 1 and "missing.jsonl" in r.stderr
     r = subprocess.run(cmd + ["--min-chars", "10", "--max-chars", "5"], capture_output=True, text=True)
     assert r.returncode == 2 and "--min-chars" in r.stderr
+
+
+def _die_after_first_chunk(chunk):
+    from megaflow.data.preprocessing.encode import encode_chunk
+    if chunk.first_line > 1:
+        os._exit(3)  # a worker killed mid-run (OOM killer, segfault)
+    return encode_chunk(chunk)
+
+
+def test_dead_worker_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+    inp = write_jsonl(str(tmp_path / "in.jsonl"), [" ".join(["3"] * 40)] * 500)
+    monkeypatch.setattr(pipeline, "encode_chunk", _die_after_first_chunk)
+    with pytest.raises(BrokenProcessPool):
+        run(tmp_path, inp, "--workers", "2")
+    assert os.listdir(tmp_path) == ["in.jsonl"]

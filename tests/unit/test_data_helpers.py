@@ -2,7 +2,6 @@
 import importlib.util
 import os
 import subprocess
-import sys
 import sysconfig
 
 import numpy as np

@@ -69,12 +69,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from concurrent.futures.process import BrokenProcessPool
     from megaflow.data.preprocessing.pipeline import PreprocessError, format_summary, run
     args = parse_args(argv)
     try:
         stats = run(args)
     except (PreprocessError, TokenizerError, FileNotFoundError) as e:
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:
+        print("preprocess_data.py: error: a worker process died (out of memory? try fewer --workers or a "
+              "smaller --chunk-bytes); no output was written", file=sys.stderr)
         return 1
     print(format_summary(stats))
     return 0

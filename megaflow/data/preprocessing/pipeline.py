@@ -1,6 +1,6 @@
 """The preprocessing run: reader -> worker processes (parse, clean, tokenize) -> one streaming writer.
 
-The main process only slices the input into ~1 MB chunks of lines and writes results in order; the
+The main process only slices the input into ~512 KiB chunks of lines and writes results in order; the
 workers do all per-document work in batches. At most `2 × workers + 2` chunks are in flight, so
 memory is bounded by a few chunks' worth plus the dedup table, whatever the input size.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 from typing import Dict, Iterator, List
 
@@ -35,14 +36,19 @@ def encoded_stream(files: List[str], spec: EncoderSpec, workers: int, chunk_byte
         yield from map(encode_chunk, chunks)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
+    # A ProcessPoolExecutor, not a Pool: a worker that dies (OOM killer, segfault) fails the run with
+    # BrokenProcessPool instead of leaving its result pending forever.
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(spec,))
+    try:
         pending = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers + 2:  # backpressure: Pool.imap would read the whole input
-                yield pending.popleft().get()
+            pending.append(pool.submit(encode_chunk, chunk))
+            if len(pending) >= 2 * workers + 2:  # backpressure: never read far ahead of the workers
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run(args) -> Dict[str, object]:
