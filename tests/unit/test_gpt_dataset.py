@@ -143,3 +143,34 @@ def test_megatron_sample_counts():
     cfg = _cfg(mock_data=True, train_iters=1000, eval_interval=100, eval_iters=10, global_batch_size=8,
                micro_batch_size=2)
     assert train_valid_test_num_samples(cfg) == [8000, 10 * 8 * 11, 80]
+
+
+def _cache_user(cache_dir, log, out):
+    import time
+    from megaflow.data.cache import load_or_build
+
+    def build():
+        with open(log, "a") as fh:
+            fh.write("built\n")
+        time.sleep(0.5)  # long enough for the other process to find the entry missing and wait
+        return {"a": np.arange(10), "b": np.ones(3)}
+
+    arrays = load_or_build(cache_dir, "stem", ("a", "b"), "{}", build)
+    np.save(out, np.asarray(arrays["a"]))
+
+
+def test_cache_built_once_by_concurrent_processes(tmp_path):
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    log = str(tmp_path / "log")
+    procs = [ctx.Process(target=_cache_user, args=(str(tmp_path / "c"), log, str(tmp_path / f"out{i}.npy")))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert open(log).read() == "built\n"
+    for i in range(3):
+        assert np.load(str(tmp_path / f"out{i}.npy")).tolist() == list(range(10))
+    assert not [f for f in os.listdir(tmp_path / "c") if ".tmp" in f]
