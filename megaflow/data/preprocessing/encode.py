@@ -87,6 +87,8 @@ def init_worker(spec: EncoderSpec, single_threaded: bool = True) -> None:
     from megaflow.data.tokenizers import build_tokenizer
     _State.spec = spec
     _State.tokenizer = build_tokenizer(SimpleNamespace(**spec.tokenizer))
+    if single_threaded and hasattr(_State.tokenizer, "num_threads"):
+        _State.tokenizer.num_threads = 1
     _State.cleaner = Cleaner(**spec.cleaning)
 
 
