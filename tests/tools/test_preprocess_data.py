@@ -246,3 +246,22 @@ def test_dead_worker_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
     with pytest.raises(BrokenProcessPool):
         run(tmp_path, inp, "--workers", "2")
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_terminal_progress_bar_shows_rates_and_eta():
+    import io
+    from megaflow.data.preprocessing.progress import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    p = Progress(total_bytes=1000, log_interval=10, stream=out)
+    p.update(docs=50, tokens=5000, nbytes=400, position=400)
+    p.bar.refresh()
+    p.update(docs=50, tokens=5000, nbytes=600, position=1000)
+    p.close()
+    text = out.getvalue()
+    assert "preprocess" in text and "100 docs" in text and "docs/s" in text and "tok/s" in text
+    assert "100%" in text and p.eta() == 0
