@@ -381,6 +381,9 @@ def validate(cfg: Config) -> None:
          f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
+    need(not p.sequence_parallel or d.seq_length % tp == 0,
+         f"--sequence-parallel needs --seq-length ({d.seq_length}) divisible by "
+         f"--tensor-model-parallel-size ({tp})")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,

@@ -1,11 +1,15 @@
 """Capture and restore every random stream a training step touches, in a form that
-torch.load(weights_only=True) accepts (tensors, ints, tuples; no numpy objects)."""
+torch.load(weights_only=True) accepts (tensors, ints, tuples; no numpy objects): Python, numpy, torch's
+CPU (and CUDA) default generators, and the tensor-parallel tracker's streams (megaflow.parallel.random),
+so dropout after a resume continues exactly where it stopped."""
 from __future__ import annotations
 
 import random
 
 import numpy as np
 import torch
+
+from megaflow.parallel.random import get_rng_tracker
 
 
 def get_rng_state() -> dict:
@@ -15,6 +19,7 @@ def get_rng_state() -> dict:
            "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
+    out["tracker"] = get_rng_tracker().get_states()  # {stream name: state tensor}
     return out
 
 
@@ -25,6 +30,8 @@ def set_rng_state(sd: dict) -> None:
     torch.set_rng_state(sd["torch"])
     if "cuda" in sd and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(sd["cuda"])
+    if sd.get("tracker"):
+        get_rng_tracker().set_states(sd["tracker"])
 
 
 def _to_tuples(x):

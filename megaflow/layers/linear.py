@@ -3,6 +3,9 @@
 ColumnParallelLinear  Y = X A,  A split by columns: weight [out/tp, in]; each rank computes its slice
                       of the output. Input enters through copy (bwd all-reduce) or, with sequence
                       parallelism, through an all-gather along the sequence (bwd reduce-scatter).
+                      Under sequence parallelism the layer keeps only its [s/tp] input shard for
+                      backward and all-gathers it again there (as Megatron does): otherwise the saved
+                      gathered input would undo the activation-memory saving sequence parallelism is for.
 RowParallelLinear     Y = X A,  A split by rows: weight [out, in/tp]; partial outputs are all-reduced
                       (or reduce-scattered along the sequence), then the bias is added once.
 At TP=1 both are a plain F.linear.
@@ -48,12 +51,39 @@ class ColumnParallelLinear(nn.Module):
 def column_parallel_matmul(x, weight, bias=None, sequence_parallel=False, gather_output=False):
     """x @ weight.T with weight [out/tp, in] split by output columns; also used by a tied output
     layer, whose weight is the word-embedding table."""
-    if sequence_parallel:
-        x = mappings.gather_from_sequence_parallel_region(x)
+    if sequence_parallel and state.get().tp_size > 1:
+        y = _SequenceParallelLinear.apply(x, weight, bias)
     else:
-        x = mappings.copy_to_tensor_parallel_region(x)
-    y = F.linear(x, weight, bias)
+        y = F.linear(mappings.copy_to_tensor_parallel_region(x), weight, bias)
     return mappings.gather_from_tensor_parallel_region(y) if gather_output else y
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """all-gather(x along the sequence) @ weight.T + bias, saving only the local x shard.
+
+    Backward: re-gather x (async, overlapped with grad_x = g @ W), reduce-scatter grad_x along the
+    sequence (async, overlapped with grad_W = g^T x_full). Under autocast the forward matmul ran in
+    the autocast dtype; backward computes in the dtype of the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(mappings.all_gather_sequence(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        x_full, gather = mappings.all_gather_sequence(x, async_op=True)
+        grad_x_full = g.matmul(weight.to(g.dtype))
+        gather.wait()
+        grad_x, scatter = mappings.reduce_scatter_sequence(grad_x_full, async_op=True)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_w = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]).to(g.dtype))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        scatter.wait()
+        return grad_x, grad_w, grad_b
 
 
 class RowParallelLinear(nn.Module):

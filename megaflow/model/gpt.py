@@ -9,6 +9,11 @@ Parallelism enters only through the layer classes (tensor parallelism) and the s
 Shape legend: b batch, s sequence (s/tp under sequence parallelism), h hidden, n heads on this rank,
 g query groups (kv heads) on this rank, d head dim, v vocabulary on this rank (padded / tp).
 Activations flow as x_sbh (sequence first, as in Megatron: sequence parallelism splits dim 0).
+
+Dropout: attention dropout acts on this rank's heads, so it draws from the TP rank's own stream
+(random.model_parallel_rng); hidden/embedding dropout acts on activations replicated across TP, so it
+uses the default stream (same mask on every TP rank), except under sequence parallelism, where each
+rank holds other tokens and the model-parallel stream is used. Recompute replays both streams.
 """
 from __future__ import annotations
 
@@ -18,7 +23,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megaflow.config import Config
 from megaflow.kernels.attention import attention
@@ -27,7 +31,7 @@ from megaflow.kernels.swiglu import swiglu
 from megaflow.layers.linear import column_parallel_matmul
 from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, build_norm,
                              vocab_parallel_cross_entropy)
-from megaflow.parallel import mappings, state
+from megaflow.parallel import mappings, random, state
 
 
 class SelfAttention(nn.Module):
@@ -59,8 +63,11 @@ class SelfAttention(nn.Module):
         return self._rotary
 
     def _core(self, q_bnsd, k_bgsd, v_bgsd):
-        dropout_p = self.dropout_p if self.training else 0.0
-        return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=dropout_p, backend=self.backend)
+        if not (self.training and self.dropout_p > 0):
+            return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, backend=self.backend)
+        with random.model_parallel_rng():  # this rank's heads: its own dropout stream
+            return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=self.dropout_p,
+                             backend=self.backend)
 
     def forward(self, x_sbh):
         qkv = self.linear_qkv(x_sbh)                                   # [s, b, (n + 2g)·d]
@@ -76,7 +83,7 @@ class SelfAttention(nn.Module):
             k_bgsd = apply_rotary(k_bgsd, cos_sd, sin_sd, backend=self.backend)
         if self.recompute_core and self.training:
             # Selective recompute: attention's activations are the largest and cheapest to redo.
-            out_bnsd = checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd, use_reentrant=False)
+            out_bnsd = random.checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd)
         else:
             out_bnsd = self._core(q_bnsd, k_bgsd, v_bgsd)
         out_sbh = out_bnsd.permute(2, 0, 1, 3).reshape(s, b, self.n_local * self.head_dim)
@@ -114,12 +121,14 @@ class TransformerLayer(nn.Module):
         self.self_attention = SelfAttention(cfg, output_std)
         self.pre_mlp_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
         self.mlp = MLP(cfg, output_std)
-        self.hidden_dropout = m.hidden_dropout
+        self.hidden_dropout, self.sequence_parallel = m.hidden_dropout, sp
+
+    def _dropout(self, x_sbh):
+        return random.dropout(x_sbh, self.hidden_dropout, self.training, model_parallel=self.sequence_parallel)
 
     def forward(self, x_sbh):
-        x_sbh = x_sbh + F.dropout(self.self_attention(self.input_norm(x_sbh)), self.hidden_dropout,
-                                  self.training)
-        return x_sbh + F.dropout(self.mlp(self.pre_mlp_norm(x_sbh)), self.hidden_dropout, self.training)
+        x_sbh = x_sbh + self._dropout(self.self_attention(self.input_norm(x_sbh)))
+        return x_sbh + self._dropout(self.mlp(self.pre_mlp_norm(x_sbh)))
 
 
 def stage_layer_numbers(cfg: Config, pp_rank: int, pp_size: int) -> list[int]:
@@ -159,6 +168,9 @@ class GPTModel(nn.Module):
                 self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
                                                         device=st.device)
                 self.position_embeddings.weight.init_std = m.init_method_std
+                # Replicated across TP; under sequence parallelism each rank adds it to its own tokens,
+                # so its gradient is all-reduced across TP (optim/grads.py).
+                self.position_embeddings.weight.sequence_parallel = self.sequence_parallel
         layer_numbers = list(range(m.num_layers)) if layer_numbers is None else layer_numbers
         self.layers = nn.ModuleList(TransformerLayer(cfg, i) for i in layer_numbers)
         if post_process:
@@ -179,16 +191,17 @@ class GPTModel(nn.Module):
 
     def embed(self, input_ids_bs, position_ids_bs=None):
         ids_sb = input_ids_bs.t()
-        x_sbh = self.word_embeddings.forward(ids_sb)
+        # Each rank looks up its vocabulary range; the sum over ranks is reduce-scattered along the
+        # sequence under sequence parallelism (x_sbh is then this rank's s/tp tokens).
+        x_sbh = self.word_embeddings.forward_reduced(ids_sb, sequence_parallel=self.sequence_parallel)
         if hasattr(self, "position_embeddings"):
             pos_sb = (torch.arange(ids_sb.shape[0], device=ids_sb.device).unsqueeze(1)
                       if position_ids_bs is None else position_ids_bs.t())
+            if self.sequence_parallel:
+                pos_sb = mappings.scatter_to_sequence_parallel_region(pos_sb)
             x_sbh = x_sbh + self.position_embeddings(pos_sb)
-        if self.sequence_parallel:
-            x_sbh = mappings.reduce_scatter_to_sequence_parallel_region(x_sbh)
-        else:
-            x_sbh = mappings.reduce_from_tensor_parallel_region(x_sbh)
-        return F.dropout(x_sbh, self.embedding_dropout, self.training)
+        return random.dropout(x_sbh, self.embedding_dropout, self.training,
+                              model_parallel=self.sequence_parallel)
 
     def _run_layers(self, x_sbh):
         if not (self.recompute and self.training):
@@ -199,10 +212,10 @@ class GPTModel(nn.Module):
         if self.recompute_method == "uniform":  # checkpoint every chunk of k layers
             for start in range(0, n, k):
                 chunk = self.layers[start:start + k]
-                x_sbh = checkpoint(lambda x, c=chunk: _run_chunk(c, x), x_sbh, use_reentrant=False)
+                x_sbh = random.checkpoint(lambda x, c=chunk: _run_chunk(c, x), x_sbh)
             return x_sbh
         for i, layer in enumerate(self.layers):  # "block": checkpoint the first k layers only
-            x_sbh = checkpoint(layer, x_sbh, use_reentrant=False) if i < k else layer(x_sbh)
+            x_sbh = random.checkpoint(layer, x_sbh) if i < k else layer(x_sbh)
         return x_sbh
 
     def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None):

@@ -19,6 +19,7 @@ from megaflow.optim.loss_scaler import build_loss_scaler
 from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
 from megaflow.parallel import state
+from megaflow.parallel.random import model_parallel_seed
 from megaflow.training import logging as log
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
@@ -45,7 +46,7 @@ def set_seed(seed: int) -> None:
     seed = seed + 100 * state.get().pp_rank
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    model_parallel_seed(seed)  # default generator = seed; TP dropout stream = seed + 2718 + tp_rank
 
 
 def _any_rank(flag: bool) -> bool:
