@@ -107,9 +107,13 @@ class MegaflowOptimizer:
 
     # -- checkpoints: per rank, self-describing ------------------------------------------------
     def layout(self) -> dict:
+        """What the state covers: (global parameter name, first, last element) per piece, and for
+        ZeRO which DP shard. Without ZeRO every DP rank holds the same state, whatever the DP size."""
         st = state.get()
-        return {"sharded": self.sharded, "dp_size": st.dp_size, "dp_rank": st.dp_rank,
-                "pieces": [[pc.name, pc.lo, pc.hi] for pc in self.pieces]}
+        out = {"sharded": self.sharded, "pieces": [[pc.name, pc.lo, pc.hi] for pc in self.pieces]}
+        if self.sharded:
+            out.update(dp_size=st.dp_size, dp_rank=st.dp_rank)
+        return out
 
     def state_dict(self) -> dict:
         self.sync.finish_param_sync()
@@ -123,7 +127,7 @@ class MegaflowOptimizer:
             raise ValueError(f"optimizer state is not {FORMAT} (found {sd.get('format')!r})")
         mine, saved = self.layout(), sd["layout"]
         if mine != saved:
-            what = [k for k in mine if mine[k] != saved.get(k)]
+            what = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
             raise ValueError(f"optimizer state was saved with another layout (differs in {what}); "
                              "loading it needs the same DP size, ZeRO setting and bucket layout")
         self.optimizer.load_state_dict(sd["optimizer"])
