@@ -75,7 +75,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, scal
     if st.dp_rank == 0:
         optim_state = None if optimizer is None else (DISTRIBUTED if sharded else optimizer.state_dict())
         payload = {"iteration": iteration, "consumed_samples": consumed_samples,
-                   "model": model.state_dict(),
+                   # Copies: parameters are views into one DP buffer. Saved as views they would still
+                   # share that storage once loaded (safetensors refuses such tensors, and saving any
+                   # one of them alone would write the whole buffer).
+                   "model": {k: v.clone() for k, v in model.state_dict().items()},
                    "optimizer": optim_state,
                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
                    "loss_scaler": scaler.state_dict() if scaler is not None else None,

@@ -43,9 +43,13 @@ def full_weights(chunks) -> dict:
 
 def run(args) -> dict:
     trainer = _Trainer(parse_args([str(a) for a in args]))
-    result = trainer.run()
     opt = trainer.optimizer
-    return {"losses": result.losses, "skipped": result.skipped_iterations,
+    # AdamW and clipping are blind to a uniform scale of the gradient: record the global gradient
+    # norm of every step, which is not (a wrong 1/DP or a missing reduction shows there).
+    norms, norm_of = [], opt.grad_norm
+    opt.grad_norm = lambda: norms.append(norm_of()) or norms[-1]
+    result = trainer.run()
+    return {"losses": result.losses, "skipped": result.skipped_iterations, "grad_norms": norms,
             "weights": full_weights(model_chunks(trainer.model)),
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,

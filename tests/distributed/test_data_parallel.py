@@ -65,6 +65,8 @@ def assert_same_run(dist_ranks, ref, rtol, atol):
     assert sorted(losses) == sorted(ref["losses"]) and len(losses) >= 2
     for it, loss in ref["losses"].items():
         assert losses[it] == pytest.approx(loss, rel=rtol, abs=atol), it
+    for r in dist_ranks:                              # every rank computed the same global norm
+        assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=rtol)
     for r in dist_ranks:
         assert r["weights"].keys() == ref["weights"].keys()
         for name, w in ref["weights"].items():
