@@ -76,8 +76,14 @@ class MegaflowOptimizer:
         return self.optimizer.param_groups
 
     def start_step(self, num_microbatches: int) -> None:
-        self.sync.finish_param_sync()
+        # Parameter all-gathers of the last step may still be in flight (--overlap-param-gather):
+        # each module's forward waits for its own; zeroing gradients does not touch parameters.
         self.sync.start_step(num_microbatches)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather in flight: call before reading parameters outside a
+        forward or state_dict (which wait by themselves)."""
+        self.sync.finish_param_sync()
 
     def finish_grad_sync(self) -> None:
         self.sync.finish_grad_sync()

@@ -132,6 +132,7 @@ class GradSync:
         self.num_microbatches = 1
         self._next = 0  # index into self._order of the next bucket to launch
         self.launched_in_backward = 0  # buckets whose reduction a hook started (a count for tests)
+        self.gathers_waited_in_forward = 0  # parameter all-gathers first waited for by a forward hook
         # Launch order: chunks in the order backward finishes them (the last chunk first), then
         # buckets in backward order. Only an ordering for identical issue on every DP rank.
         self._order = [b for buf in reversed(self.buffers) for b in buf.buckets]
@@ -195,6 +196,7 @@ class GradSync:
     @torch.no_grad()
     def finish_grad_sync(self) -> None:
         """Launch the buckets not launched yet (in order), wait for all, then the non-DP sums."""
+        self.finish_param_sync()  # normally done by the forward hooks; a parameter unused in forward
         while self._next < len(self._order):
             self._launch(self._order[self._next])
             self._next += 1
@@ -241,11 +243,18 @@ class GradSync:
             lo, hi = b.shard(self.dp_rank, self.dp_size)
             b.param_handle = _all_gather(b.param_data, b.param_data[lo:hi], group=self.group, async_op=True)
 
-    def finish_param_sync(self, buckets=None) -> None:
+    def finish_param_sync(self, buckets=None) -> int:
+        """Wait for the all-gathers of these buckets (default: all); returns how many were pending."""
+        waited = 0
         for b in (self._order if buckets is None else buckets):
             if b.param_handle is not None:
                 b.param_handle.wait()
                 b.param_handle = None
+                waited += 1
+        return waited
+
+    def _wait_before_forward(self, buckets) -> None:
+        self.gathers_waited_in_forward += self.finish_param_sync(buckets)
 
     def register_param_sync_hooks(self, chunks: list) -> None:
         """--overlap-param-gather: each module waits for its own parameters' all-gather just before its
@@ -256,7 +265,7 @@ class GradSync:
                         for b in [buf.bucket_of[p]]}
                 if mine:
                     buckets = list(mine.values())
-                    module.register_forward_pre_hook(lambda _m, _a, bs=buckets: self.finish_param_sync(bs))
+                    module.register_forward_pre_hook(lambda _m, _a, bs=buckets: self._wait_before_forward(bs))
             chunk.register_state_dict_pre_hook(lambda *_: self.finish_param_sync())
 
     # -- sizes ---------------------------------------------------------------------------------

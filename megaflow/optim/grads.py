@@ -1,9 +1,11 @@
 """Gradient bookkeeping between the reduction and the optimizer step, across the TP×PP×DP grid:
 unscaling with an agreed inf check, the global gradient norm, clipping.
 
-They act on the gradients the optimizer will use: the reduced fp32 main gradients of the elements this
-rank owns (optim/distrib_optimizer.py) — whole parameters without ZeRO, shards with it. The DP
-reduction itself, the tied-embedding and sequence-parallel sums are in optim/grad_buffer.py.
+In training they act on the gradients the optimizer will use: the reduced fp32 main gradients of the
+elements this rank owns (optim/distrib_optimizer.py) — whole parameters without ZeRO, shards with it.
+The bucketed DP reduction, the tied-embedding and sequence-parallel sums are in optim/grad_buffer.py.
+They also accept parameters (their .grad), and finalize_gradients() does the same reductions on plain
+.grad tensors, unbucketed: the simple reference the schedules' tests use without an optimizer.
 """
 from __future__ import annotations
 
@@ -11,8 +13,38 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from megaflow.optim.grad_buffer import all_reduce_coalesced
 from megaflow.parallel import state
+
+
+def _grads(items):
+    """Gradient tensors of a list of gradients or parameters (a parameter's .grad, if any)."""
+    out = []
+    for x in items:
+        g = x.grad if isinstance(x, nn.Parameter) else x
+        if g is not None:
+            out.append(g)
+    return out
+
+
+@torch.no_grad()
+def finalize_gradients(params) -> None:
+    """On plain .grad: average over DP; sum the tied-embedding copies of the first and last stage;
+    sum the grads of TP-replicated params that saw only this rank's tokens (sequence parallelism)."""
+    st = state.get()
+    grads = [p.grad for p in params if p.grad is not None]
+    if st.dp_size > 1:
+        for g in grads:
+            g.div_(st.dp_size)
+        all_reduce_coalesced(grads, st.groups["dp"])
+    if st.pp_size > 1 and len(st.ranks.get("embedding", [])) > 1:
+        shared = [p.grad for p in params if p.grad is not None and getattr(p, "shared_embedding", False)]
+        all_reduce_coalesced(shared, st.groups["embedding"])
+    if st.tp_size > 1:
+        sp = [p.grad for p in params if p.grad is not None and getattr(p, "sequence_parallel", False)]
+        all_reduce_coalesced(sp, st.groups["tp"])
 
 
 def counts_towards_norm(param) -> bool:
@@ -27,12 +59,14 @@ def counts_towards_norm(param) -> bool:
 @torch.no_grad()
 def global_grad_norm(pieces, over_dp: bool = False) -> float:
     """L2 norm of the whole model's gradient. pieces: (param, grad) with grad the part of param's
-    gradient this rank holds. Summed over the model-parallel group (TP and PP ranks hold different
-    weights); with over_dp (ZeRO: DP ranks hold different shards) over every rank."""
+    gradient this rank holds, or parameters (their .grad). Summed over the model-parallel group (TP
+    and PP ranks hold different weights); with over_dp (ZeRO: DP ranks hold different shards) over
+    every rank."""
     st = state.get()
     sq = torch.zeros((), dtype=torch.float32, device=st.device)
-    for param, grad in pieces:
-        if counts_towards_norm(param):
+    for item in pieces:
+        param, grad = (item, item.grad) if isinstance(item, nn.Parameter) else item
+        if grad is not None and counts_towards_norm(param):
             sq += grad.float().pow(2).sum()
     if st.world_size > 1:
         if over_dp:
@@ -46,7 +80,7 @@ def global_grad_norm(pieces, over_dp: bool = False) -> float:
 def clip_gradients(grads, max_norm: float, norm: float) -> None:
     coeff = max_norm / (norm + 1e-6)
     if coeff < 1.0:
-        for g in grads:
+        for g in _grads(grads):
             g.mul_(coeff)
 
 
@@ -57,7 +91,7 @@ def unscale_and_check(grads, scale: float) -> bool:
     st = state.get()
     found = torch.zeros((), dtype=torch.float32, device=st.device)
     inv = 1.0 / scale
-    for g in grads:
+    for g in _grads(grads):
         g.mul_(inv)
         found = torch.maximum(found, (~torch.isfinite(g)).any().float())
     if st.world_size > 1:

@@ -178,6 +178,7 @@ class _Trainer:
         if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > 0:
             self._save()
         self.tb.close()
+        self.optimizer.finish_param_sync()  # the last step's parameter all-gathers (ZeRO)
         return r
 
     def _log(self, w, step, flops, peak):

@@ -19,7 +19,7 @@ from megaflow.training.trainer import _Trainer
 LLAMA = ["--model-style", "llama", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
          "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--vocab-size", "255",
          "--mock-data", "--tokenizer-type", "NullTokenizer", "--num-workers", "0", "--hidden-dropout", "0",
-         "--attention-dropout", "0", "--log-interval", "1000", "--eval-interval", "1000", "--eval-iters", "1",
+         "--attention-dropout", "0", "--log-interval", "1000", "--eval-interval", "2", "--eval-iters", "1",
          "--lr", "3e-3", "--lr-warmup-iters", "1", "--weight-decay", "0.1", "--clip-grad", "0.05",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4"]
 GPT2 = [a if a != "llama" else "gpt2" for a in LLAMA]
@@ -53,6 +53,8 @@ def run(args) -> dict:
             "weights": full_weights(model_chunks(trainer.model)),
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,
+            "gathers_waited_in_forward": opt.sync.gathers_waited_in_forward,
+            "valid_losses": result.valid_losses,
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
             "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],
             "rank": state.get().rank, "dp_size": state.get().dp_size}

@@ -65,6 +65,8 @@ def assert_same_run(dist_ranks, ref, rtol, atol):
     assert sorted(losses) == sorted(ref["losses"]) and len(losses) >= 2
     for it, loss in ref["losses"].items():
         assert losses[it] == pytest.approx(loss, rel=rtol, abs=atol), it
+    valid = dist_ranks[-1]["valid_losses"]            # evaluated right after steps 2 and 4
+    assert sorted(valid) == [2, 4] and valid == pytest.approx(ref["valid_losses"], rel=rtol, abs=atol)
     for r in dist_ranks:                              # every rank computed the same global norm
         assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=rtol)
     for r in dist_ranks:
@@ -97,6 +99,10 @@ def test_buckets_are_several_padded_to_dp_and_reduced_from_backward(results):
     assert r["launched_in_backward"] == 4 * r["num_buckets"]
     assert out["dp_overlap"][0]["launched_in_backward"] == 4 * out["dp_overlap"][0]["num_buckets"]
     assert out["zero1"][0]["launched_in_backward"] == 0
+    # --overlap-param-gather: the all-gathers after a step are waited for by the next forward's
+    # module hooks (the evaluations' and the next step's), not by the step itself.
+    assert r["gathers_waited_in_forward"] >= 3 * r["num_buckets"]
+    assert out["zero1"][0]["gathers_waited_in_forward"] == 0
 
 
 def test_fp16_overflow_skips_agreed_and_equal_to_single_process(results):
