@@ -168,3 +168,31 @@ def test_train_step_equals_a_plain_pytorch_loop(style):
     ref = dict(global_named_parameters(reference))
     for name, p in global_named_parameters(model):
         torch.testing.assert_close(p, ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_every_module_with_parameters_runs_its_forward_hooks(style):
+    """--overlap-param-gather waits for a module's parameters in its forward pre-hook: a module whose
+    forward is called directly (module.forward(x), not module(x)) would read them mid-gather."""
+    model = build_model(tiny_cfg(style))
+    owners = {m for m in model.modules() if any(True for _ in m.parameters(recurse=False))}
+    fired = set()
+    for m in owners:
+        m.register_forward_pre_hook(lambda mod, _args: fired.add(mod))
+    batch = next(_batches(tiny_cfg(style), 1))
+    model(batch["tokens"], batch["position_ids"], labels_bs=batch["labels"])
+    assert {type(m).__name__ for m in owners - fired} == set()
+
+
+def test_fp16_params_with_loss_scaling_skip_then_train():
+    from megaflow.optim.loss_scaler import DynamicLossScaler
+    cfg = tiny_cfg(fp16=True, low_precision_params=True)
+    model = build_model(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    opt = build_optimizer(cfg, model)
+    scaler = DynamicLossScaler(initial_scale=2.0 ** 20, hysteresis=1)
+    data = list(_batches(cfg, 8))
+    results = [train_step(cfg, model, opt, scaler, iter(data[2 * i:2 * i + 2]), 2) for i in range(4)]
+    assert [r.skipped for r in results] == [True, True, False, False]  # 2^20, 2^19 overflow fp16
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(pc.main).all() and pc.main.dtype == torch.float32 for pc in opt.pieces)
