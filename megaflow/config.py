@@ -162,6 +162,9 @@ class LoggingConfig:
     log_interval: int = _f(100, "iterations between log lines")
     tensorboard_dir: Optional[str] = _f(None, "write TensorBoard scalars here")
     peak_tflops: Optional[float] = _f(None, "per-device peak for MFU (default: from the device)")
+    pipeline_timeline_dir: Optional[str] = _f(None, "record each rank's (op, micro-batch, start, end) here "
+                                                    "(tools/pipeline_timeline.py draws it)")
+    pipeline_timeline_iters: int = _f(3, "how many of the first iterations to record")
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
@@ -389,6 +392,7 @@ def validate(cfg: Config) -> None:
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"--global-batch-size ({t.global_batch_size}) must be a multiple of --micro-batch-size "
          f"({t.micro_batch_size}) × data-parallel size ({dp})")
+    _validate_pipeline(cfg, need)
     need(m.recompute_method is None or m.recompute_granularity == "full",
          "--recompute-method needs --recompute-granularity full")
     if d.mock_data:
@@ -399,6 +403,49 @@ def validate(cfg: Config) -> None:
          "--early-stopping-patience must be positive")
     need(t.early_stopping_patience is None or t.eval_interval,
          "--early-stopping-patience needs --eval-interval")
+
+
+def _validate_pipeline(cfg: Config, need) -> None:
+    """Layer splits and the interleaved schedule's conditions (FORMATS.md §3)."""
+    n, p = cfg.model.num_layers, cfg.parallel
+    pp, first, last = p.pipeline_model_parallel_size, p.decoder_first_pipeline_num_layers, \
+        p.decoder_last_pipeline_num_layers
+    k = p.num_layers_per_virtual_pipeline_stage
+    uneven = [f for f, v in (("--decoder-first-pipeline-num-layers", first),
+                             ("--decoder-last-pipeline-num-layers", last)) if v is not None]
+    if uneven:
+        need(pp > 1, f"{uneven[0]} needs --pipeline-model-parallel-size > 1")
+        need(k is None, f"{uneven[0]} cannot be combined with --num-layers-per-virtual-pipeline-stage")
+        need(all(v is None or v >= 1 for v in (first, last)), f"{uneven[0]} must be at least 1")
+        given = [v for v in (first, last) if v is not None]
+        rest, free = n - sum(given), pp - len(given)
+        need(rest >= free and (rest == 0 if free == 0 else rest % free == 0),
+             f"--num-layers ({n}) minus {' and '.join(uneven)} ({sum(given)}) leaves {rest} layers, which "
+             f"cannot be split evenly over the other {free} pipeline stages (at least 1 layer each)")
+    else:
+        need(n % pp == 0, f"--num-layers ({n}) must be divisible by --pipeline-model-parallel-size ({pp}), "
+                          "or give --decoder-first/last-pipeline-num-layers")
+    if k is not None:
+        need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        need(k >= 1 and (n // pp) % k == 0,
+             f"--num-layers-per-virtual-pipeline-stage ({k}) must divide the layers per pipeline stage "
+             f"(--num-layers {n} / --pipeline-model-parallel-size {pp} = {n // pp})")
+        need((n // pp) // k >= 2,
+             f"--num-layers-per-virtual-pipeline-stage ({k}) equals the layers per pipeline stage "
+             f"({n // pp}): one chunk per stage is plain 1F1B; drop the flag or use fewer layers per chunk")
+        m = num_microbatches(cfg)
+        need(m % pp == 0,
+             f"the interleaved schedule needs the number of micro-batches (--global-batch-size / "
+             f"(--micro-batch-size × data-parallel size) = {m}) to be a multiple of "
+             f"--pipeline-model-parallel-size ({pp})")
+
+
+def virtual_pipeline_size(cfg: Config) -> int:
+    """Model chunks per pipeline rank: V = layers per stage / --num-layers-per-virtual-pipeline-stage."""
+    p = cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage is None or p.pipeline_model_parallel_size == 1:
+        return 1
+    return cfg.model.num_layers // p.pipeline_model_parallel_size // p.num_layers_per_virtual_pipeline_stage
 
 
 def num_microbatches(cfg: Config) -> int:

@@ -131,9 +131,15 @@ class TransformerLayer(nn.Module):
         return x_sbh + self._dropout(self.mlp(self.pre_mlp_norm(x_sbh)))
 
 
-def stage_layer_numbers(cfg: Config, pp_rank: int, pp_size: int) -> list[int]:
-    """Global layer numbers held by a pipeline stage: even split, or uneven first/last stages."""
+def stage_layer_numbers(cfg: Config, pp_rank: int, pp_size: int, virtual_rank: int = 0) -> list[int]:
+    """Global layer numbers held by a pipeline stage: even split, or uneven first/last stages. With
+    --num-layers-per-virtual-pipeline-stage k, rank r's chunk v holds virtual stage v·PP + r: layers
+    [(v·PP + r)·k, (v·PP + r + 1)·k) (Megatron's interleaved assignment)."""
     n, p = cfg.model.num_layers, cfg.parallel
+    if p.num_layers_per_virtual_pipeline_stage is not None and pp_size > 1:
+        k = p.num_layers_per_virtual_pipeline_stage
+        start = (virtual_rank * pp_size + pp_rank) * k
+        return list(range(start, start + k))
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     counts = [None] * pp_size
     if pp_size > 1 and first is not None:
@@ -164,6 +170,9 @@ class GPTModel(nn.Module):
         if pre_process:
             self.word_embeddings = VocabParallelEmbedding(vocab, m.hidden_size, m.init_method_std,
                                                           unpadded_vocab_size=cfg.vocab_size)
+            # Tied, with the output layer on a later stage: that stage holds a copy (below); the two
+            # gradients are summed over the embedding group (optim/grads.py).
+            self.word_embeddings.weight.shared_embedding = self.share_embeddings and not post_process
             if m.position_embedding_type == "learned_absolute":
                 self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
                                                         device=st.device)

@@ -32,6 +32,11 @@ def global_name(model: nn.Module, local_name: str) -> str:
 
 
 def global_named_parameters(model: nn.Module):
+    """(global name, param) of a model, or of every chunk of an interleaved model (nn.ModuleList)."""
+    if isinstance(model, nn.ModuleList):
+        for chunk in model:
+            yield from global_named_parameters(chunk)
+        return
     for name, param in model.named_parameters():
         yield global_name(model, name), param
 

@@ -88,6 +88,9 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=dev if dev.type == "cuda" else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    # Subgroups default to torch's 30-minute timeout, not the default group's: pass ours on, so a
+    # collective or pipeline transfer with a dead peer fails after --distributed-timeout-minutes.
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     layout = layout_ranks(world_size, tp, pp)
     state = ParallelState(world_size=world_size, rank=rank, tp_size=tp, pp_size=pp,
                           dp_size=world_size // (tp * pp), device=dev, backend=backend,
@@ -98,7 +101,7 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     for name, group_list in layout.items():
         for ranks in group_list:
             # Every rank must call new_group for every group, in the same order.
-            pg = dist.new_group(ranks) if world_size > 1 else None
+            pg = dist.new_group(ranks, timeout=timeout) if world_size > 1 else None
             if rank in ranks:
                 state.groups[name], state.ranks[name] = pg, ranks
     _STATE = state
@@ -116,6 +119,8 @@ def get() -> ParallelState:
 def destroy() -> None:
     global _STATE
     if dist.is_initialized():
+        # Gloo aborts a process that tears down while a peer still talks to it: meet first.
+        dist.barrier()
         dist.destroy_process_group()
     _STATE = None
 

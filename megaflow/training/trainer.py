@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from megaflow.checkpoint import load_checkpoint, save_checkpoint
 from megaflow.checkpoint.rng import set_rng_state
-from megaflow.config import Config, format_config, num_microbatches, set_vocab_size
+from megaflow.config import Config, format_config, num_microbatches, set_vocab_size, virtual_pipeline_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from megaflow.model import build_model
 from megaflow.optim.loss_scaler import build_loss_scaler
@@ -20,6 +20,7 @@ from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
 from megaflow.parallel import state
 from megaflow.parallel.random import model_parallel_seed
+from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.training import logging as log
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
@@ -78,7 +79,7 @@ class _Trainer:
         p = cfg.parallel
         self.st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                    backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
-                                   device=cfg.training.device)
+                                   device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg))
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)
         set_vocab_size(cfg, self.tokenizer.vocab_size)
@@ -93,6 +94,8 @@ class _Trainer:
         log.print_rank_0(memory_report(self.model, self.optimizer))
         rng_state = self._load() if cfg.checkpoint.load else None
         self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
+        self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
+                                         meta={"num_microbatches": self.num_microbatches})
         self._build_data()
         if rng_state is not None:  # last: building the data iterators draws from torch's RNG
             set_rng_state(rng_state)
@@ -140,8 +143,9 @@ class _Trainer:
         saved_at = None
         while r.iteration < self.train_iters:
             start = time.perf_counter()
-            step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
-                              self.num_microbatches)
+            with self.timeline.step(r.iteration + 1):
+                step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
+                                  self.num_microbatches)
             self.scheduler.step()
             elapsed = time.perf_counter() - start
             r.iteration += 1
@@ -178,6 +182,7 @@ class _Trainer:
         if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > 0:
             self._save()
         self.tb.close()
+        self.timeline.save()
         self.optimizer.finish_param_sync()  # the last step's parameter all-gathers (ZeRO)
         return r
 
