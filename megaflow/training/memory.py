@@ -10,8 +10,8 @@ def model_state_bytes(model, optimizer) -> dict:
 def memory_report(model, optimizer) -> str:
     b = model_state_bytes(model, optimizer)
     mib = 1024 ** 2
-    kind = ("ZeRO-%d over %d DP ranks" % (optimizer.zero_stage, optimizer.sync.dp_size) if optimizer.sharded
-            else "replicated over %d DP ranks" % optimizer.sync.dp_size)
+    dp = optimizer.sync.dp_size
+    kind = f"ZeRO-{optimizer.zero_stage} sharded, DP={dp}" if optimizer.sharded else f"replicated, DP={dp}"
     return (f"model states on this rank: {b['num_parameters']:,} parameters | parameters "
             f"{b['parameters'] / mib:.2f} MiB | gradients {b['gradients'] / mib:.2f} MiB | optimizer "
             f"{b['optimizer'] / mib:.2f} MiB (fp32 main params {b['main_params'] / mib:.2f} MiB + state "
