@@ -46,7 +46,6 @@ setup(
         "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1"],
         "triton": ["triton"],
         "hf": ["transformers"],
-        "serve": ["vllm"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext} if ext_modules else {},

@@ -1,19 +1,142 @@
-"""Per-token cross entropy over a (possibly large) vocabulary, computed in fp32."""
+"""Per-token cross entropy over a (possibly large, possibly vocab-parallel) vocabulary, in fp32.
+
+Shapes: logits [..., vocab] (any float dtype), labels [...] (int) -> per-token loss [...] fp32.
+Rows whose label is `ignore_index` get loss 0 and gradient 0 (torch's convention).
+
+Backends: "torch" (F.cross_entropy on an fp32 copy), "triton" (cross_entropy_triton.py: a pass
+over the logits in chunks computes logsumexp without storing the softmax; the backward writes
+softmax - onehot straight into the gradient, or over the logits with inplace_backward=True),
+"auto" (Triton on CUDA tensors, torch otherwise).
+
+Building blocks for the vocab-parallel loss (layers/), which owns the communication
+--------------------------------------------------------------------------------------
+Each tensor-parallel rank holds logits_shard [..., v] = global columns [vocab_start, vocab_start+v):
+
+    st = vocab_shard_stats(logits_shard, labels, vocab_start)   # ShardStats, fields fp32 [...]
+    lse = st.lse.clone(); dist.all_reduce(lse, MAX, tp_group)   # global max of shard lse's
+    parts = torch.stack([(st.lse - lse).exp(), st.target, st.sum_logits])
+    dist.all_reduce(parts, SUM, tp_group)                        # one collective for three sums
+    lse = lse + parts[0].log()                                   # global logsumexp
+    loss = loss_from_stats(lse, parts[1], parts[2], labels, label_smoothing, vocab_size)
+    ... backward, with the global lse saved and grad_loss = dloss [...]:
+    dlogits_shard = vocab_shard_grad(logits_shard, labels, vocab_start, lse, grad_loss,
+                                     vocab_size, label_smoothing, inplace=True)
+
+st.target is the label's logit on the rank that holds the label and 0 elsewhere, so their sum is
+the label's logit; st.sum_logits is only needed with label smoothing. With inplace=True the
+gradient overwrites the logits shard (no second [tokens, v] buffer): do it only when nothing else
+uses the logits afterwards (their autograd version is bumped, so a saved use fails loudly).
+Every function here takes `backend`: "torch" runs the same math in plain torch (CPU/gloo runs).
+"""
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import torch.nn.functional as F
 
-from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.dispatch import at_least_fp32, resolve_backend
 
 
-def cross_entropy_reference(logits, labels, label_smoothing=0.0):
-    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none",
-                           label_smoothing=label_smoothing).view(labels.shape)
+class ShardStats(NamedTuple):
+    lse: torch.Tensor         # logsumexp of this shard's logits per row
+    target: torch.Tensor      # the label's logit if the label is in this shard, else 0
+    sum_logits: torch.Tensor  # sum of this shard's logits per row (label smoothing)
 
 
-def cross_entropy(logits, labels, label_smoothing=0.0, backend="auto"):
-    """logits [..., vocab], labels [...] -> per-token loss [...] (fp32)."""
+def cross_entropy_reference(logits, labels, label_smoothing=0.0, ignore_index=-100):
+    return F.cross_entropy(at_least_fp32(logits).flatten(0, -2), labels.flatten(), reduction="none",
+                           label_smoothing=label_smoothing, ignore_index=ignore_index).view(labels.shape)
+
+
+def loss_from_stats(lse, target, sum_logits, labels, label_smoothing, vocab_size, ignore_index=-100):
+    """loss = lse - (1-eps)*target - eps*mean(logits), i.e. (1-eps)*NLL + eps*uniform NLL; 0 if ignored."""
+    loss = lse - (1.0 - label_smoothing) * target
+    if label_smoothing:
+        loss = loss - label_smoothing / vocab_size * sum_logits
+    return torch.where(labels == ignore_index, torch.zeros_like(loss), loss)
+
+
+def _in_shard(labels, vocab_start, v, ignore_index):
+    local = labels - vocab_start
+    return local, (local >= 0) & (local < v) & (labels != ignore_index)
+
+
+def _stats_torch(logits, labels, vocab_start, ignore_index):
+    x = logits.float()
+    local, hit = _in_shard(labels, vocab_start, x.shape[-1], ignore_index)
+    picked = x.gather(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return ShardStats(torch.logsumexp(x, -1), torch.where(hit, picked, torch.zeros_like(picked)), x.sum(-1))
+
+
+def _grad_torch(logits, labels, vocab_start, lse, grad_loss, vocab_size, label_smoothing, ignore_index, inplace):
+    x = logits.float()
+    local, hit = _in_shard(labels, vocab_start, x.shape[-1], ignore_index)
+    grad = (x - lse.unsqueeze(-1)).exp_().sub_(label_smoothing / vocab_size)
+    grad.scatter_add_(-1, local.clamp(0, x.shape[-1] - 1).unsqueeze(-1),
+                      torch.where(hit, -(1.0 - label_smoothing), 0.0).unsqueeze(-1).to(grad.dtype))
+    g = torch.where(labels == ignore_index, torch.zeros_like(grad_loss, dtype=grad.dtype), grad_loss.float())
+    grad = grad.mul_(g.unsqueeze(-1)).to(logits.dtype)
+    return logits.copy_(grad) if inplace else grad
+
+
+def vocab_shard_stats(logits_shard, labels, vocab_start=0, ignore_index=-100, backend="auto") -> ShardStats:
+    """Per-row statistics of one vocabulary shard (fp32, shaped like labels); see the module doc."""
+    backend = resolve_backend(backend, logits_shard)
+    if backend == "torch":
+        return _stats_torch(logits_shard, labels, vocab_start, ignore_index)
+    if backend == "triton":
+        from megaflow.kernels import cross_entropy_triton as kt
+        return ShardStats(*kt.shard_stats(logits_shard, labels, vocab_start, ignore_index))
+    raise ValueError(f"unknown cross-entropy backend {backend!r} (auto, torch, triton)")
+
+
+def vocab_shard_grad(logits_shard, labels, vocab_start, lse, grad_loss, vocab_size, label_smoothing=0.0,
+                     ignore_index=-100, inplace=False, backend="auto"):
+    """dloss/dlogits_shard = grad_loss * (softmax - (1-eps)*onehot - eps/vocab_size), using the
+    global lse and global vocab_size; 0 on ignored rows. Returns a tensor shaped and typed like
+    logits_shard (logits_shard itself when inplace)."""
+    backend = resolve_backend(backend, logits_shard)
+    if backend == "torch":
+        return _grad_torch(logits_shard, labels, vocab_start, lse, grad_loss, vocab_size, label_smoothing,
+                           ignore_index, inplace)
+    if backend == "triton":
+        from megaflow.kernels import cross_entropy_triton as kt
+        return kt.shard_grad(logits_shard, labels, vocab_start, lse, grad_loss, vocab_size, label_smoothing,
+                             ignore_index, inplace)
+    raise ValueError(f"unknown cross-entropy backend {backend!r} (auto, torch, triton)")
+
+
+class TritonCrossEntropyFunction(torch.autograd.Function):
+    """Single-shard cross entropy: saves the logits and the fp32 lse, not the softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, label_smoothing, ignore_index, inplace_backward):
+        from megaflow.kernels import cross_entropy_triton as kt
+        lse, target, sum_logits = kt.shard_stats(logits, labels, 0, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.label_smoothing, ctx.ignore_index, ctx.inplace = label_smoothing, ignore_index, inplace_backward
+        return loss_from_stats(lse, target, sum_logits, labels, label_smoothing, logits.shape[-1], ignore_index)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from megaflow.kernels import cross_entropy_triton as kt
+        logits, labels, lse = ctx.saved_tensors
+        dlogits = kt.shard_grad(logits, labels, 0, lse, grad_loss, logits.shape[-1], ctx.label_smoothing,
+                                ctx.ignore_index, ctx.inplace)
+        return dlogits, None, None, None, None
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0, backend="auto", ignore_index=-100,
+                  inplace_backward=False):
+    """logits [..., vocab], labels [...] -> per-token loss [...] (fp32).
+
+    inplace_backward (Triton only): the backward overwrites the logits with their gradient, saving a
+    [tokens, vocab] buffer; only when the logits are used by nothing but this loss."""
     backend = resolve_backend(backend, logits)
     if backend == "torch":
-        return cross_entropy_reference(logits, labels, label_smoothing)
-    raise NotImplementedError(f"cross-entropy backend {backend!r}")
+        return cross_entropy_reference(logits, labels, label_smoothing, ignore_index)
+    if backend == "triton":
+        return TritonCrossEntropyFunction.apply(logits, labels, float(label_smoothing), int(ignore_index),
+                                                bool(inplace_backward))
+    raise ValueError(f"unknown cross-entropy backend {backend!r} (auto, torch, triton)")

@@ -69,7 +69,7 @@ class SelfAttention(nn.Module):
             return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=self.dropout_p,
                              backend=self.backend)
 
-    def forward(self, x_sbh):
+    def forward(self, x_sbh, inference_cache=None):
         qkv = self.linear_qkv(x_sbh)                                   # [s, b, (n + 2g)·d]
         s, b = qkv.shape[:2]
         q, k, v = qkv.split([self.n_local * self.head_dim, self.g_local * self.head_dim,
@@ -78,10 +78,16 @@ class SelfAttention(nn.Module):
         k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         if self.rope:
-            cos_sd, sin_sd = self._rotary_tables(s, q.device)
+            # With a cache these s tokens sit at positions offset..offset+s-1 of a longer sequence.
+            offset = inference_cache.offset if inference_cache is not None else 0
+            table_len = inference_cache.max_length if inference_cache is not None else s
+            cos_sd, sin_sd = (t[offset:offset + s] for t in self._rotary_tables(table_len, q.device))
             q_bnsd = apply_rotary(q_bnsd, cos_sd, sin_sd, backend=self.backend)
             k_bgsd = apply_rotary(k_bgsd, cos_sd, sin_sd, backend=self.backend)
-        if self.recompute_core and self.training:
+        if inference_cache is not None:  # generation: attend over every cached token, new ones included
+            k_bgsd, v_bgsd = inference_cache.update(self, k_bgsd, v_bgsd)
+            out_bnsd = attention(q_bnsd, k_bgsd, v_bgsd, causal=k_bgsd.shape[2] == s, backend=self.backend)
+        elif self.recompute_core and self.training:
             # Selective recompute: attention's activations are the largest and cheapest to redo.
             out_bnsd = random.checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd)
         else:
@@ -126,8 +132,8 @@ class TransformerLayer(nn.Module):
     def _dropout(self, x_sbh):
         return random.dropout(x_sbh, self.hidden_dropout, self.training, model_parallel=self.sequence_parallel)
 
-    def forward(self, x_sbh):
-        x_sbh = x_sbh + self._dropout(self.self_attention(self.input_norm(x_sbh)))
+    def forward(self, x_sbh, inference_cache=None):
+        x_sbh = x_sbh + self._dropout(self.self_attention(self.input_norm(x_sbh), inference_cache))
         return x_sbh + self._dropout(self.mlp(self.pre_mlp_norm(x_sbh)))
 
 
@@ -212,10 +218,10 @@ class GPTModel(nn.Module):
         return random.dropout(x_sbh, self.embedding_dropout, self.training,
                               model_parallel=self.sequence_parallel)
 
-    def _run_layers(self, x_sbh):
+    def _run_layers(self, x_sbh, inference_cache=None):
         if not (self.recompute and self.training):
             for layer in self.layers:
-                x_sbh = layer(x_sbh)
+                x_sbh = layer(x_sbh, inference_cache)
             return x_sbh
         n, k = len(self.layers), self.recompute_num_layers
         if self.recompute_method == "uniform":  # checkpoint every chunk of k layers
@@ -227,11 +233,17 @@ class GPTModel(nn.Module):
             x_sbh = random.checkpoint(layer, x_sbh) if i < k else layer(x_sbh)
         return x_sbh
 
-    def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None):
+    def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None,
+                inference_cache=None):
         """First stage: input ids -> hidden. Middle: hidden -> hidden. Last stage: -> logits, or the
-        per-token loss [b, s] when labels are given."""
+        per-token loss [b, s] when labels are given. With an inference_cache (inference/cache.py) the
+        tokens continue the cached ones: keys/values are appended and positions start after them."""
+        if inference_cache is not None and position_ids_bs is None and self.pre_process:
+            position_ids_bs = inference_cache.position_ids(input_ids_bs)
         x_sbh = self.embed(input_ids_bs, position_ids_bs) if self.pre_process else hidden_sbh
-        x_sbh = self._run_layers(x_sbh)
+        x_sbh = self._run_layers(x_sbh, inference_cache)
+        if inference_cache is not None:
+            inference_cache.advance(x_sbh.shape[0])
         if not self.post_process:
             return x_sbh
         x_sbh = self.final_norm(x_sbh)

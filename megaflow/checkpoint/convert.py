@@ -1,0 +1,84 @@
+"""Checkpoint ⇄ Hugging Face folder, end to end (the logic behind tools/checkpoint/convert_*.py).
+
+    export_to_hf(ckpt_dir, hf_dir, iteration=None, dtype=torch.float32, ...)   any TP/PP/DP/ZeRO layout
+    import_from_hf(hf_dir, ckpt_dir, tp=1, pp=1, ...)                          -> checkpoint + config
+    training_flags(cfg)   the pretrain_gpt.py flags that rebuild the converted model (to continue
+                          pretraining or fine-tune from it with --load DIR --finetune)
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Optional
+
+import torch
+
+from megaflow.checkpoint.full_state import load_full_state_dict, save_full_state_dict
+from megaflow.checkpoint.hf import from_hf_config, from_hf_state_dict
+from megaflow.checkpoint.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_hf_folder, save_hf_folder
+from megaflow.config import Config
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def export_to_hf(ckpt_dir: str, hf_dir: str, iteration: Optional[int] = None, dtype=torch.float32,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_model: Optional[str] = None,
+                 tokenizer: bool = True) -> dict:
+    """Write the HF folder; returns its config.json. tokenizer_model overrides the tokenizer path the
+    checkpoint recorded (when the files moved)."""
+    cfg, state_dict = load_full_state_dict(ckpt_dir, iteration)
+    if tokenizer_model is not None:
+        cfg.data.tokenizer_model = tokenizer_model
+    return save_hf_folder(cfg, state_dict, hf_dir, DTYPES.get(dtype, dtype), max_shard_bytes, tokenizer)
+
+
+def import_from_hf(hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, iteration: int = 0,
+                   make_vocab_size_divisible_by: int = 128, dtype=None) -> Config:
+    """Write a megaflow checkpoint (model weights only) at TP=tp, PP=pp; returns its Config. The
+    tokenizer is the folder's tokenizer.json when it has one, else a NullTokenizer of the same size."""
+    hf_config, hf_sd = load_hf_folder(hf_dir)
+    cfg = from_hf_config(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        cfg.data.tokenizer_type, cfg.data.tokenizer_model = "HuggingFaceTokenizer", os.path.abspath(hf_dir)
+    else:
+        cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", cfg.vocab_size - 1  # it adds EOD
+    state_dict = from_hf_state_dict(cfg, hf_sd)
+    dtype = DTYPES.get(dtype, dtype)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    save_full_state_dict(cfg, state_dict, ckpt_dir, tp=tp, pp=pp, iteration=iteration)
+    out = copy.deepcopy(cfg)
+    out.parallel.tensor_model_parallel_size, out.parallel.pipeline_model_parallel_size = tp, pp
+    return out
+
+
+def training_flags(cfg: Config) -> list[str]:
+    """Command-line flags that rebuild exactly this model (and tokenizer, layout) in pretrain_gpt.py.
+    The style preset is chosen so that every field can be reached from the command line: the llama
+    preset unties embeddings and drops biases, and neither can be switched back by a flag."""
+    m, d, p = cfg.model, cfg.data, cfg.parallel
+    preset = "llama" if (m.untie_embeddings_and_output_weights and not m.add_bias_linear) else "gpt2"
+    flags = ["--model-style", preset, "--num-layers", m.num_layers, "--hidden-size", m.hidden_size,
+             "--ffn-hidden-size", m.ffn_hidden_size, "--num-attention-heads", m.num_attention_heads,
+             "--normalization", m.normalization, "--position-embedding-type", m.position_embedding_type,
+             "--norm-epsilon", m.norm_epsilon, "--rotary-base", m.rotary_base,
+             "--max-position-embeddings", m.max_position_embeddings,
+             "--make-vocab-size-divisible-by", m.make_vocab_size_divisible_by]
+    if m.kv_channels:
+        flags += ["--kv-channels", m.kv_channels]
+    if m.num_query_groups != m.num_attention_heads:
+        flags += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
+    if m.swiglu:
+        flags += ["--swiglu"]
+    if preset == "gpt2" and m.untie_embeddings_and_output_weights:
+        flags += ["--untie-embeddings-and-output-weights"]
+    if preset == "gpt2" and not m.add_bias_linear:
+        flags += ["--disable-bias-linear"]
+    if d.tokenizer_type == "NullTokenizer":
+        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", d.vocab_size]
+    else:
+        flags += ["--tokenizer-type", d.tokenizer_type, "--tokenizer-model", d.tokenizer_model]
+    flags += ["--tensor-model-parallel-size", p.tensor_model_parallel_size,
+              "--pipeline-model-parallel-size", p.pipeline_model_parallel_size]
+    return [str(f) for f in flags]

@@ -1,0 +1,46 @@
+"""Shared by the conversion, generation and serving tests: tiny trained checkpoints and CLI runners."""
+import os
+import re
+import subprocess
+import sys
+
+from megaflow.config import parse_args
+from megaflow.parallel import state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Mock data documents count 1, 2, 3, ... (mod vocab): a few dozen steps teach the model to continue.
+TINY_LLAMA = ["--model-style", "llama", "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "2",
+              "--group-query-attention", "--num-query-groups", "1", "--ffn-hidden-size", "256"]
+TINY_GPT2 = ["--model-style", "gpt2", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+
+
+def train_tiny(save_dir, model_flags, iters=30, vocab=255, extra=()):
+    """Train on mock data and save; returns the TrainResult. NullTokenizer: vocab ids + EOD = vocab."""
+    args = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab), "--seq-length", "64",
+            "--max-position-embeddings", "128", "--micro-batch-size", "8", "--global-batch-size", "8",
+            "--num-workers", "0", "--log-interval", "100", "--eval-interval", "1000", "--train-iters", str(iters),
+            "--lr", "3e-3", "--lr-warmup-iters", "3", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--save", str(save_dir), *model_flags, *map(str, extra)]
+    from megaflow.training.trainer import pretrain
+    try:
+        return pretrain(parse_args(args))
+    finally:
+        state.destroy()
+
+
+def run_tool(script, *args, timeout=300):
+    """Run tools/<script> as a user would; returns stdout (raises with stderr on failure)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def generated_ids(stdout: str) -> list:
+    """The ids on tools/generate.py's `ids:` line."""
+    match = re.search(r"^ids:(.*)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return [int(x) for x in match.group(1).split()]
