@@ -141,6 +141,35 @@ class MegaflowOptimizer:
             for pc, t in zip(self.pieces, sd["main_params"]):
                 pc.main.copy_(t)
 
+    # -- checkpoints: per piece, for resharding (checkpoint/) --------------------------------------
+    def piece_states(self):
+        """(piece, {state name: tensor}) per piece: the torch optimizer's state of the piece (per-element
+        tensors of its length, 0-dim scalars such as Adam's step) and, when separate, its fp32 copy as
+        'main_param'. Views of live tensors: copy them to keep them."""
+        self.sync.finish_param_sync()
+        for pc in self.pieces:
+            s = {k: v for k, v in self.optimizer.state.get(pc.main, {}).items() if torch.is_tensor(v)}
+            if pc.main is not pc.model:
+                s["main_param"] = pc.main
+            yield pc, s
+
+    @torch.no_grad()
+    def load_piece_states(self, states: list) -> None:
+        """Inverse of piece_states, one dict per piece in self.pieces' order: 'main_param' is copied
+        into the separate fp32 copy, the rest becomes the torch optimizer's state (through its own
+        load_state_dict, which checks and casts). Empty dicts leave a piece's state fresh."""
+        order = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        sd = self.optimizer.state_dict()
+        sd["state"] = {}
+        for pc, s in zip(self.pieces, states, strict=True):
+            s = dict(s)
+            main = s.pop("main_param", None)
+            if main is not None and pc.main is not pc.model:
+                pc.main.copy_(main.view_as(pc.main))
+            if s:
+                sd["state"][order[id(pc.main)]] = s
+        self.optimizer.load_state_dict(sd)
+
     # -- memory ---------------------------------------------------------------------------------
     def memory_bytes(self) -> dict:
         """Bytes this rank holds for model states (exact once the optimizer state exists; computed
