@@ -70,3 +70,22 @@ def test_bf16_trains(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"lm loss", "learning-rate", "grad-norm", "loss-scale", "throughput"} <= tags
     assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3]
+
+
+def test_finetune_no_load_optim_no_load_rng(tmp_path):
+    common = ["--model-style", "llama", "--train-iters", 6, "--lr", "3e-3", "--hidden-dropout", "0.1",
+              "--attention-dropout", "0.1", "--eval-interval", 100]
+    full = train(*common)
+    train(*common, "--save", tmp_path, "--save-interval", 100, "--exit-interval", 3)
+    # --no-load-rng: the step after the checkpoint draws other dropout masks (streams restart from --seed).
+    no_rng = train(*common, "--load", tmp_path, "--no-load-rng")
+    assert no_rng.iteration == 6 and sorted(no_rng.losses) == [4, 5, 6] and no_rng.losses[4] != full.losses[4]
+    # --no-load-optim: same weights, data and masks, so the first loss is the uninterrupted run's, bit for
+    # bit; fresh Adam moments (and, as in Megatron, a fresh LR schedule) change the steps after it.
+    no_optim = train(*common, "--load", tmp_path, "--no-load-optim")
+    assert no_optim.losses[4] == full.losses[4] and no_optim.losses[5] != full.losses[5]
+    # --finetune: the weights only; iteration and data position start at 0.
+    fresh = train(*common[:2], "--train-iters", 2, *common[4:])
+    tuned = train(*common[:2], "--train-iters", 2, *common[4:], "--load", tmp_path, "--finetune")
+    assert tuned.iteration == 2 and tuned.consumed_samples == 16
+    assert tuned.losses[1] < fresh.losses[1] - 0.2, (tuned.losses, fresh.losses)  # trained weights
