@@ -252,9 +252,11 @@ class CheckpointReader:
 
     def read(self, fname: str, key: str) -> torch.Tensor:
         try:
-            return self.open(fname).get_tensor(key)
-        except CheckpointError:
-            raise
+            handle = self.open(fname)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e} (needed for {key})") from e
+        try:
+            return handle.get_tensor(key)
         except Exception as e:
             raise CheckpointError(f"{os.path.join(self.dir, fname)}: cannot read tensor {key}: {e}") from e
 
@@ -268,7 +270,8 @@ class CheckpointReader:
             by_rank.setdefault(p["tp_rank"], []).append(p)
         tp_size = entry["pieces"][0]["tp_size"]
         if sorted(by_rank) != list(range(tp_size)):
-            raise CheckpointError(f"{self.dir}: {key} has pieces of TP ranks {sorted(by_rank)}, expected 0..{tp_size - 1}")
+            raise CheckpointError(f"{self.dir}: {key} has pieces of TP ranks {sorted(by_rank)}, "
+                                  f"expected 0..{tp_size - 1}")
         dtype = DTYPES[entry["dtype"]]
         shards = []
         for t in range(tp_size):

@@ -107,7 +107,7 @@ def _rng_state(reader, load_rng: bool):
                       f"PP={st.pp_size} DP={st.dp_size}: random streams belong to ranks and cannot be resharded")
     fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, st.dp_rank)
     handle = reader.open(fname)
-    tensors = {k.removeprefix("rng/"): handle.get_tensor(k) for k in handle.keys() if k.startswith("rng/")}
+    tensors = {k.removeprefix("rng/"): handle.get_tensor(k).clone() for k in handle.keys() if k.startswith("rng/")}
     return from_tensors(tensors, reader.file_header(fname)["rng"]), None
 
 

@@ -91,8 +91,9 @@ def write_layout(root: str, iteration: int, cfg: Config, tensors: dict, metadata
     layout = parameter_layout(cfg)
     model_names = {k.split("/", 1)[1] for k in tensors if k.startswith(fmt.MODEL + "/")}
     if model_names != set(layout):
-        raise fmt.CheckpointError(f"the tensors do not match the model of the config: missing "
-                                  f"{sorted(set(layout) - model_names)}, unexpected {sorted(model_names - set(layout))}")
+        missing, unexpected = sorted(set(layout) - model_names), sorted(model_names - set(layout))
+        raise fmt.CheckpointError(f"the tensors do not match the model of the config: missing {missing}, "
+                                  f"unexpected {unexpected}")
     files: dict[tuple, dict] = {}
     indices: dict[tuple, dict] = {}
     for key, full in tensors.items():

@@ -126,7 +126,8 @@ def test_each_tensor_stored_once_and_zero_shards_by_every_dp_rank(runs):
             assert len(files) == len(set(files)), key                      # no replica written twice
             if key.startswith("model/") or name == "plain":
                 assert all(f.endswith("dp000.safetensors") for f in files), key
-        optim_files = {p["file"].split("_")[-1] for k, e in reader.index.items() if k.startswith("optim.") for p in e["pieces"]}
+        optim_files = {p["file"].split("_")[-1] for k, e in reader.index.items() if k.startswith("optim.")
+                       for p in e["pieces"]}
         assert optim_files == ({"dp000.safetensors"} if name == "plain" else {"dp000.safetensors", "dp001.safetensors"})
 
 

@@ -1,9 +1,11 @@
-"""tools/checkpoint/reshard.py and tools/checkpoint/inspect.py on a checkpoint trained in this process.
+"""tools/checkpoint/reshard.py and tools/checkpoint/inspect_checkpoint.py on a checkpoint trained in this process.
 The vocabulary (299 + EOD) pads to 384 at TP=1 and 512 at TP=2, so resharding re-pads the embedding,
 the output layer and their optimizer state."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ TRAIN = [a if a != "255" else "299" for a in LLAMA]
 
 
 def tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(ROOT, "tools", "checkpoint", f"{name}.py"))
+    path = os.path.join(ROOT, "tools", "checkpoint", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -77,15 +80,15 @@ def test_training_continues_from_the_resharded_checkpoint_exactly(ckpts):
 
 
 def test_inspect_prints_config_iteration_and_tensors(ckpts, capsys):
-    inspect = tool("inspect")
-    assert inspect.main(["--load", ckpts["b"]]) == 0
-    out = capsys.readouterr().out
+    script = os.path.join(ROOT, "tools", "checkpoint", "inspect_checkpoint.py")   # as a user runs it
+    out = subprocess.run([sys.executable, script, "--load", ckpts["b"]], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
     assert "iteration 2 | consumed samples 16 | layout TP=2 PP=2 DP=2" in out and "optimizer AdamW" in out
     assert "tensor_model_parallel_size=2" in out and "num_query_groups=2" in out       # the config
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("optim.exp_avg/word_embeddings.weight"))
     assert line.split()[1:] == ["[512,", "64]", "float32", "4", "pieces", "128.00", "KiB"]
     assert "mp_rank_01_001_dp001.safetensors" in out
-    inspect.main(["--load", ckpts["a"], "--json"])
+    tool("inspect_checkpoint").main(["--load", ckpts["a"], "--json"])
     d = json.loads(capsys.readouterr().out)
     assert d["iteration"] == 2 and d["tensors"]["model/word_embeddings.weight"]["shape"] == [384, 64]
 

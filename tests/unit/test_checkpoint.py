@@ -61,11 +61,13 @@ def test_missing_truncated_and_foreign_files_are_named(tmp_path):
         save(tmp_path, it, built)
     _, model, optimizer = build()
     os.remove(tmp_path / "iter_0000001" / RANK_FILE)
-    with pytest.raises(CheckpointError, match=f"missing checkpoint file .*iter_0000001/{RANK_FILE}"):
+    with pytest.raises(CheckpointError, match=f"missing checkpoint file .*iter_0000001/{RANK_FILE} "
+                                              r"\(needed for model/word_embeddings.weight\)"):
         load_checkpoint(str(tmp_path), model, optimizer, iteration=1)
     rank_file = tmp_path / "iter_0000002" / RANK_FILE
     rank_file.write_bytes(rank_file.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=f"iter_0000002/{RANK_FILE}: truncated or modified"):
+    with pytest.raises(CheckpointError, match=f"iter_0000002/{RANK_FILE}: truncated or modified .*"
+                                              r"\(needed for model/word_embeddings.weight\)"):
         load_checkpoint(str(tmp_path), model, optimizer, iteration=2)
     meta = tmp_path / "iter_0000003" / "metadata.json"
     meta.write_text(meta.read_text()[:200])

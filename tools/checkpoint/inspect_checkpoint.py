@@ -1,16 +1,14 @@
 """Describe a megaflow checkpoint: iteration, layout, data position, configuration, files, and every
-tensor (global shape, dtype, pieces, bytes). Reads JSON and safetensors headers only.
+tensor (global shape, dtype, pieces, bytes). Reads metadata.json and config.json only.
 
-    python tools/checkpoint/inspect.py --load DIR [--iteration N] [--json]
+    python tools/checkpoint/inspect_checkpoint.py --load DIR [--iteration N] [--json]
 """
 import os
 import sys
 
-# This file is named like the standard library's inspect module, which torch imports: keep its own
-# folder off the import path, and put the repository on it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
+# Not named inspect.py: scripts run with their own folder on sys.path, where a file of that name would
+# replace the standard library's inspect (which torch imports) for every tool beside it.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
