@@ -172,11 +172,7 @@ class CheckpointWriter:
 
     def wait(self) -> str | None:
         """Block until the save in flight is complete and published (collective)."""
-        if self.pending is None:
-            return None
-        if self.pending.thread is not None:
-            self.pending.thread.join()
-        return self._finalize()
+        return None if self.pending is None else self._finalize()
 
     def _finalize(self) -> str:
         job, self.pending = self.pending, None
@@ -193,9 +189,13 @@ class CheckpointWriter:
                 try:
                     job.metadata["files"] = {f: s for f, s, _e in reports}
                     fmt.finalize(self.root, job.iteration, job.metadata)
-                    fmt.apply_retention(self.root, job.iteration, self.keep_last, self.retain_interval)
                 except OSError as e:  # reported to every rank rather than leaving them waiting
                     outcome = f"checkpoint of iteration {job.iteration} could not be published: {e}"
+                else:
+                    try:
+                        fmt.apply_retention(self.root, job.iteration, self.keep_last, self.retain_interval)
+                    except OSError as e:  # the new checkpoint is published: a leftover old one is no error
+                        print(f"WARNING: could not delete old checkpoints in {self.root}: {e}", flush=True)
         outcome = _broadcast_from_rank0(outcome)  # also: no rank returns before the tracker is written
         if outcome:
             raise fmt.CheckpointError(outcome)

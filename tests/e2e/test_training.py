@@ -1,9 +1,10 @@
 """End-to-end training in one process on mock data: loss drops, exact resume, stops and logs."""
 import math
+import os
 
 import pytest
 
-from megaflow.config import parse_args
+from megaflow.config import ConfigError, parse_args
 from megaflow.parallel import state
 from megaflow.training.trainer import TrainingError, pretrain
 
@@ -89,3 +90,15 @@ def test_finetune_no_load_optim_no_load_rng(tmp_path):
     tuned = train(*common[:2], "--train-iters", 2, *common[4:], "--load", tmp_path, "--finetune")
     assert tuned.iteration == 2 and tuned.consumed_samples == 16
     assert tuned.losses[1] < fresh.losses[1] - 0.2, (tuned.losses, fresh.losses)  # trained weights
+
+
+def test_async_saves_with_retention_from_the_command_line(tmp_path, capsys):
+    r = train("--train-iters", 5, "--eval-interval", 100, "--save", tmp_path, "--save-interval", 1,
+              "--async-save", "--keep-last-n-checkpoints", 2, "--save-retain-interval", 2)
+    assert r.last_checkpoint == str(tmp_path / "iter_0000005")
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000002", "iter_0000004", "iter_0000005",
+                                            "latest_checkpointed_iteration.txt"]
+    out = capsys.readouterr().out
+    assert out.count("in the background (--async-save)") == 5 and out.count("saved checkpoint to") == 5
+    with pytest.raises(ConfigError, match=r"--save-retain-interval \(3\) must be a multiple of --save-interval \(2\)"):
+        parse_args(TINY + ["--save-interval", "2", "--save-retain-interval", "3"])
