@@ -51,6 +51,8 @@ def collect_rank_state(model, optimizer) -> tuple[dict, dict, dict]:
     """(tensors {key: CPU copy}, index {key: entry with this rank's piece}, scalars) of this rank."""
     st = state.get()
     tensors, index, scalars = {}, {}, {}
+    if optimizer is not None:
+        optimizer.finish_param_sync()  # ZeRO: the last step's parameter all-gathers may be in flight
 
     def add(kind, name, p, data, lo, hi):
         key = fmt.tensor_key(kind, name)

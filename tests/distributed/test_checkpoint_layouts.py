@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megaflow.checkpoint.format import CheckpointReader
+from megaflow.checkpoint.full_state import load_full_state_dict
 from megaflow.parallel import state
 from tests.distributed.runs import GPT2, LLAMA, run
 from tests.launch import torchrun
@@ -58,7 +59,8 @@ def runs(tmp_path_factory):
     out, log8 = launch(tmp, "eight", 8, {
         "save_plain": save("plain", LLAMA),
         "save_zero": save("zero", LLAMA, *ZERO, *INTERLEAVED, "--async-save"),
-        "save_gpt2": save("gpt2", GPT2, *ZERO, "--sequence-parallel"),
+        # no evaluation before this save: only the save waits for the step's parameter all-gathers
+        "save_gpt2": save("gpt2", GPT2, *ZERO, "--sequence-parallel", "--eval-interval", "100"),
         "pp2dp4_plain_to_zero_interleaved": resume("plain", *PP2, *ZERO, *INTERLEAVED, "--micro-batch-size", "1"),
         "pp2dp4_zero_to_plain": resume("zero", *PP2),
         "pp2dp4_gpt2": resume("gpt2", *PP2, base=GPT2)})
@@ -135,3 +137,16 @@ def test_layout_change_reseeds_and_says_so(runs):
     _, _, logs, _ = runs
     assert "RNG state not restored (saved at TP=2 PP=2 DP=2, loaded at TP=1 PP=1 DP=1" in logs["tp1_plain"]
     assert "RNG state not restored (saved at TP=2 PP=2 DP=2, loaded at TP=1 PP=2 DP=4" in logs["pp2dp4"]
+
+
+def test_tools_read_the_interleaved_and_zero_checkpoints_whole(runs):
+    """full_state (HF export, generation) reads every saved layout: the interleaved ZeRO checkpoint and the
+    tied GPT-2 give the weights the saving runs held at iteration 2."""
+    out, *_, ck = runs
+    for name in ("zero", "gpt2"):
+        _cfg, full = load_full_state_dict(ck[name])
+        held = {}
+        for r in out[f"save_{name}"]:
+            held.update(r["weights"])
+        assert full.keys() == held.keys()
+        assert all(torch.equal(full[n], w) for n, w in held.items()), name
