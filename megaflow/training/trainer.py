@@ -252,6 +252,7 @@ class _Trainer:
     def _save(self):
         r = self.result
         extra = {"best_valid_loss": self.best_valid, "evaluations_without_improvement": self.bad_evals}
+        self._published(self.writer.wait())  # the previous --async-save, if its thread is still writing
         path = self.writer.save(r.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
                                 r.consumed_samples, self.cfg.to_json(), extra)
         if path is None:

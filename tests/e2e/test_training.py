@@ -1,6 +1,7 @@
 """End-to-end training in one process on mock data: loss drops, exact resume, stops and logs."""
 import math
 import os
+import time
 
 import pytest
 
@@ -92,7 +93,10 @@ def test_finetune_no_load_optim_no_load_rng(tmp_path):
     assert tuned.losses[1] < fresh.losses[1] - 0.2, (tuned.losses, fresh.losses)  # trained weights
 
 
-def test_async_saves_with_retention_from_the_command_line(tmp_path, capsys):
+def test_async_saves_with_retention_from_the_command_line(tmp_path, capsys, monkeypatch):
+    from megaflow.checkpoint import format as fmt
+    write = fmt.write_rank_file                     # slow writes: some saves are still in flight at the next
+    monkeypatch.setattr(fmt, "write_rank_file", lambda *a: time.sleep(0.3) or write(*a))   # save, some not
     r = train("--train-iters", 5, "--eval-interval", 100, "--save", tmp_path, "--save-interval", 1,
               "--async-save", "--keep-last-n-checkpoints", 2, "--save-retain-interval", 2)
     assert r.last_checkpoint == str(tmp_path / "iter_0000005")
