@@ -185,7 +185,8 @@ def latest_iteration(root: str) -> int | None:
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path) as fh:
+        text = fh.read().strip()
     try:
         return int(text)
     except ValueError:
@@ -214,6 +215,9 @@ class CheckpointReader:
         self.root, self.iteration, self.dir = root, it, iteration_dir(root, it)
         if not os.path.isdir(self.dir):
             raise CheckpointError(f"missing checkpoint folder {self.dir}")
+        if not os.path.exists(os.path.join(self.dir, METADATA)):
+            raise CheckpointError(f"missing checkpoint file {os.path.join(self.dir, METADATA)} (not a megaflow "
+                                  f"checkpoint, or written by a megaflow older than {FORMAT})")
         self.meta = read_json(os.path.join(self.dir, METADATA))
         if self.meta.get("format") != FORMAT:
             raise CheckpointError(f"{self.dir}: not a {FORMAT} checkpoint (format {self.meta.get('format')!r})")
