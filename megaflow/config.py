@@ -155,6 +155,12 @@ class CheckpointConfig:
     no_load_optim: bool = _f(False, "do not restore optimizer state", action="store_true")
     no_load_rng: bool = _f(False, "do not restore RNG state", action="store_true")
     finetune: bool = _f(False, "load weights only; restart iteration count", action="store_true")
+    async_save: bool = _f(False, "write checkpoints from a background thread after a synchronous copy to CPU",
+                          action="store_true")
+    save_retain_interval: Optional[int] = _f(None, "delete older checkpoints except multiples of N (and the "
+                                                   "--keep-last-n-checkpoints latest)")
+    keep_last_n_checkpoints: Optional[int] = _f(None, "delete checkpoints older than the N latest (except "
+                                                      "multiples of --save-retain-interval)")
 
 
 @dataclass
@@ -403,6 +409,12 @@ def validate(cfg: Config) -> None:
          "--early-stopping-patience must be positive")
     need(t.early_stopping_patience is None or t.eval_interval,
          "--early-stopping-patience needs --eval-interval")
+    c = cfg.checkpoint
+    need(c.keep_last_n_checkpoints is None or c.keep_last_n_checkpoints >= 1,
+         "--keep-last-n-checkpoints must be at least 1")
+    need(c.save_retain_interval is None or c.save_retain_interval >= 1, "--save-retain-interval must be positive")
+    need(c.save_retain_interval is None or not c.save_interval or c.save_retain_interval % c.save_interval == 0,
+         f"--save-retain-interval ({c.save_retain_interval}) must be a multiple of --save-interval ({c.save_interval})")
 
 
 def _validate_pipeline(cfg: Config, need) -> None:

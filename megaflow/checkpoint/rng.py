@@ -1,7 +1,7 @@
-"""Capture and restore every random stream a training step touches, in a form that
-torch.load(weights_only=True) accepts (tensors, ints, tuples; no numpy objects): Python, numpy, torch's
-CPU (and CUDA) default generators, and the tensor-parallel tracker's streams (megaflow.parallel.random),
-so dropout after a resume continues exactly where it stopped."""
+"""Capture and restore every random stream a training step touches: Python, numpy, torch's CPU (and
+CUDA) default generators, and the tensor-parallel tracker's streams (megaflow.parallel.random), so
+dropout after a resume continues exactly where it stopped. `to_tensors`/`from_tensors` turn a state into
+tensors plus a JSON-able dict, as checkpoints store it (safetensors: nothing is unpickled)."""
 from __future__ import annotations
 
 import random
@@ -36,3 +36,29 @@ def set_rng_state(sd: dict) -> None:
 
 def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def to_tensors(sd: dict) -> tuple[dict, dict]:
+    """(tensors, json-able rest) of a get_rng_state() dict."""
+    version, internal, gauss = sd["python"]
+    kind, keys, pos, has_gauss, cached = sd["numpy"]
+    tensors = {"python": torch.tensor(internal, dtype=torch.int64), "numpy": keys.clone(),
+               "torch": sd["torch"].clone()}
+    for i, s in enumerate(sd.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s.cpu().clone()
+    for name, s in sd.get("tracker", {}).items():
+        tensors[f"tracker.{name}"] = s.cpu().clone()
+    rest = {"python": [version, gauss], "numpy": [kind, pos, has_gauss, cached],
+            "cuda": len(sd.get("cuda", [])), "tracker": list(sd.get("tracker", {}))}
+    return tensors, rest
+
+
+def from_tensors(tensors: dict, rest: dict) -> dict:
+    version, gauss = rest["python"]
+    kind, pos, has_gauss, cached = rest["numpy"]
+    sd = {"python": (version, tuple(tensors["python"].tolist()), gauss),
+          "numpy": (kind, tensors["numpy"], pos, has_gauss, cached), "torch": tensors["torch"],
+          "tracker": {name: tensors[f"tracker.{name}"] for name in rest["tracker"]}}
+    if rest["cuda"]:
+        sd["cuda"] = [tensors[f"cuda.{i}"] for i in range(rest["cuda"])]
+    return sd

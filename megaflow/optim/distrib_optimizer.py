@@ -30,9 +30,6 @@ import torch
 from megaflow.model.init import global_name
 from megaflow.optim import grads
 from megaflow.optim.grad_buffer import GradSync
-from megaflow.parallel import state
-
-FORMAT = "megaflow.optimizer/1"
 
 
 class Piece:
@@ -111,35 +108,34 @@ class MegaflowOptimizer:
             if not self.overlap_param_gather:
                 self.sync.finish_param_sync()
 
-    # -- checkpoints: per rank, self-describing ------------------------------------------------
-    def layout(self) -> dict:
-        """What the state covers: (global parameter name, first, last element) per piece, and for
-        ZeRO which DP shard. Without ZeRO every DP rank holds the same state, whatever the DP size."""
-        st = state.get()
-        out = {"sharded": self.sharded, "pieces": [[pc.name, pc.lo, pc.hi] for pc in self.pieces]}
-        if self.sharded:
-            out.update(dp_size=st.dp_size, dp_rank=st.dp_rank)
-        return out
-
-    def state_dict(self) -> dict:
+    # -- checkpoints: per piece, by global name (checkpoint/save.py, load.py reshard them) ------
+    def piece_states(self):
+        """(piece, {state name: tensor}) per piece: the torch optimizer's state of the piece (per-element
+        tensors of its length, 0-dim scalars such as Adam's step) and, when separate, its fp32 copy as
+        'main_param'. Views of live tensors: copy them to keep them."""
         self.sync.finish_param_sync()
-        separate = any(pc.main is not pc.model for pc in self.pieces)
-        return {"format": FORMAT, "layout": self.layout(), "optimizer": self.optimizer.state_dict(),
-                "main_params": [pc.main.clone() for pc in self.pieces] if separate else None}
+        for pc in self.pieces:
+            s = {k: v for k, v in self.optimizer.state.get(pc.main, {}).items() if torch.is_tensor(v)}
+            if pc.main is not pc.model:
+                s["main_param"] = pc.main
+            yield pc, s
 
     @torch.no_grad()
-    def load_state_dict(self, sd: dict) -> None:
-        if sd.get("format") != FORMAT:
-            raise ValueError(f"optimizer state is not {FORMAT} (found {sd.get('format')!r})")
-        mine, saved = self.layout(), sd["layout"]
-        if mine != saved:
-            what = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
-            raise ValueError(f"optimizer state was saved with another layout (differs in {what}); "
-                             "loading it needs the same DP size, ZeRO setting and bucket layout")
-        self.optimizer.load_state_dict(sd["optimizer"])
-        if sd["main_params"] is not None:
-            for pc, t in zip(self.pieces, sd["main_params"]):
-                pc.main.copy_(t)
+    def load_piece_states(self, states: list) -> None:
+        """Inverse of piece_states, one dict per piece in self.pieces' order: 'main_param' is copied
+        into the separate fp32 copy, the rest becomes the torch optimizer's state (through its own
+        load_state_dict, which checks and casts). Empty dicts leave a piece's state fresh."""
+        order = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        sd = self.optimizer.state_dict()
+        sd["state"] = {}
+        for pc, s in zip(self.pieces, states, strict=True):
+            s = dict(s)
+            main = s.pop("main_param", None)
+            if main is not None and pc.main is not pc.model:
+                pc.main.copy_(main.view_as(pc.main))
+            if s:
+                sd["state"][order[id(pc.main)]] = s
+        self.optimizer.load_state_dict(sd)
 
     # -- memory ---------------------------------------------------------------------------------
     def memory_bytes(self) -> dict:

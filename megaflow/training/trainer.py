@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaflow.checkpoint import load_checkpoint, save_checkpoint
+from megaflow.checkpoint import CheckpointWriter, load_checkpoint
 from megaflow.checkpoint.rng import set_rng_state
 from megaflow.config import Config, format_config, num_microbatches, set_vocab_size, virtual_pipeline_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
@@ -48,6 +48,12 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     model_parallel_seed(seed)  # default generator = seed; TP dropout stream = seed + 2718 + tp_rank
+
+
+def reseed_value(seed: int, iteration: int) -> int:
+    """The seed of a run resumed at another layout (its RNG streams cannot be restored): deterministic,
+    and not the first run's, so dropout does not replay the masks of the run's first iterations."""
+    return (seed + 1_000_003 * iteration) % 2**31
 
 
 def _any_rank(flag: bool) -> bool:
@@ -92,28 +98,49 @@ class _Trainer:
         self.num_microbatches = num_microbatches(cfg)
         self.result = TrainResult()
         log.print_rank_0(memory_report(self.model, self.optimizer))
-        rng_state = self._load() if cfg.checkpoint.load else None
+        c = cfg.checkpoint
+        self.writer = CheckpointWriter(c.save, c.async_save, c.keep_last_n_checkpoints,
+                                       c.save_retain_interval) if c.save else None
+        self.reseed = False
+        rng_state = self._load() if c.load else None
+        self.start_iteration = self.result.iteration
         self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
         self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
                                          meta={"num_microbatches": self.num_microbatches})
         self._build_data()
         if rng_state is not None:  # last: building the data iterators draws from torch's RNG
             set_rng_state(rng_state)
+        elif self.reseed:
+            set_seed(reseed_value(cfg.training.seed, self.result.iteration))
 
     def _load(self):
-        c = self.cfg.checkpoint
+        """Model (always), optimizer and schedule (unless --finetune / --no-load-optim), data position and
+        RNG (unless --finetune / --no-load-rng) from a checkpoint of any layout (checkpoint/load.py)."""
+        c, t = self.cfg.checkpoint, self.cfg.training
         finetune = c.finetune
-        info = load_checkpoint(c.load, self.model,
-                               optimizer=None if (finetune or c.no_load_optim) else self.optimizer,
-                               scheduler=None if (finetune or c.no_load_optim) else self.scheduler,
+        info = load_checkpoint(c.load, self.model, optimizer=self.optimizer,
+                               scheduler=None if finetune else self.scheduler,
                                scaler=None if finetune else self.scaler,
-                               load_rng=not (finetune or c.no_load_rng))
+                               load_rng=not (finetune or c.no_load_rng),
+                               load_optim=not (finetune or c.no_load_optim))
+        saved = info["layout"]
+        log.print_rank_0(f"loaded checkpoint from {c.load} at iteration {info['iteration']} (saved at "
+                         f"TP={saved['tp']} PP={saved['pp']} DP={saved['dp']}"
+                         f"{', distributed optimizer' if saved['distributed_optimizer'] else ''})"
+                         + (" (finetune: starting at iteration 0)" if finetune else ""))
         if not finetune:
             self.result.iteration, self.result.consumed_samples = info["iteration"], info["consumed_samples"]
             self.best_valid = info["extra"].get("best_valid_loss")
             self.bad_evals = info["extra"].get("evaluations_without_improvement", 0)
-        log.print_rank_0(f"loaded checkpoint from {c.load} at iteration {info['iteration']}"
-                         + (" (finetune: starting at iteration 0)" if finetune else ""))
+            saved_gbs = info["config"].get("training", {}).get("global_batch_size")
+            if saved_gbs not in (None, t.global_batch_size):
+                log.print_rank_0(f"WARNING: --global-batch-size {t.global_batch_size} differs from the checkpoint's "
+                                 f"{saved_gbs}: training continues after sample {info['consumed_samples']} (none "
+                                 "repeated or skipped), but iteration numbers no longer match samples as before")
+        if info["rng_note"]:
+            self.reseed = True
+            log.print_rank_0(f"RNG state not restored ({info['rng_note']}); re-seeded with "
+                             f"{reseed_value(t.seed, self.result.iteration)} from --seed and the iteration")
         return info["rng_state"]
 
     best_valid: float | None = None
@@ -150,6 +177,8 @@ class _Trainer:
             elapsed = time.perf_counter() - start
             r.iteration += 1
             r.consumed_samples += t.global_batch_size
+            if self.writer is not None:
+                self._published(self.writer.poll())  # an --async-save that finished meanwhile
             bad = step.loss is not None and not np.isfinite(step.loss)
             if _any_rank(bad and not step.skipped):
                 raise TrainingError(self._nan_message())
@@ -179,8 +208,10 @@ class _Trainer:
                 log.print_rank_0(f"exiting at iteration {r.iteration}"
                                  + (" (early stopping)" if stop else " (--exit-interval)"))
                 break
-        if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > 0:
+        if cfg.checkpoint.save and saved_at != r.iteration and r.iteration > self.start_iteration:
             self._save()
+        if self.writer is not None:
+            self._published(self.writer.wait())
         self.tb.close()
         self.timeline.save()
         self.optimizer.finish_param_sync()  # the last step's parameter all-gathers (ZeRO)
@@ -221,10 +252,17 @@ class _Trainer:
     def _save(self):
         r = self.result
         extra = {"best_valid_loss": self.best_valid, "evaluations_without_improvement": self.bad_evals}
-        r.last_checkpoint = save_checkpoint(self.cfg.checkpoint.save, r.iteration, self.model, self.optimizer,
-                                            self.scheduler, self.scaler, r.consumed_samples,
-                                            self.cfg.to_json(), extra)
-        log.print_rank_0(f"saved checkpoint at iteration {r.iteration} to {r.last_checkpoint}")
+        self._published(self.writer.wait())  # the previous --async-save, if its thread is still writing
+        path = self.writer.save(r.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
+                                r.consumed_samples, self.cfg.to_json(), extra)
+        if path is None:
+            log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save)")
+        self._published(path)
+
+    def _published(self, path):
+        if path is not None:
+            self.result.last_checkpoint = path
+            log.print_rank_0(f"saved checkpoint to {path}")
 
     def _nan_message(self) -> str:
         last = self.result.last_checkpoint

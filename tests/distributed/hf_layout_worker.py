@@ -1,6 +1,6 @@
 """Worker for test_hf_layouts.py (4 gloo ranks), two phases in one launch:
 1. build the tiny Llama (GQA) and GPT-2 at TP=2 x PP=2 and save them with the trainer's own checkpoint
-   writer (checkpoint/io.py), as a TP/PP run does;
+   writer (checkpoint/save.py), as a TP/PP run does;
 2. train the Llama briefly at TP=2 x DP=2 with pretrain(), reload its checkpoint into a TP=2 model and
    write that model's logits on fixed ids (gathered over TP) for the test to compare with the export.
 """

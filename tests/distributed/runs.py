@@ -50,6 +50,7 @@ def run(args) -> dict:
     opt.grad_norm = lambda: norms.append(norm_of()) or norms[-1]
     result = trainer.run()
     return {"losses": result.losses, "skipped": result.skipped_iterations, "grad_norms": norms,
+            "iteration": result.iteration, "consumed_samples": result.consumed_samples,
             "weights": full_weights(model_chunks(trainer.model)),
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,

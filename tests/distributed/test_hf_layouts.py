@@ -30,8 +30,8 @@ def test_tp2_pp2_checkpoints_read_and_export_like_one_process(tmp_path):
     torchrun(worker, 4, [tmp_path, " ".join(FLAGS["llama"]), " ".join(FLAGS["gpt2"])], timeout=300)
     for name, flags in FLAGS.items():
         ckpt = tmp_path / name
-        assert sorted(os.listdir(ckpt / "iter_0000003"))[1:] == [
-            "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+        assert sorted(os.listdir(ckpt / "iter_0000003"))[2:] == [
+            f"mp_rank_{t:02d}_{p:03d}_dp000.safetensors" for t in range(2) for p in range(2)]
         cfg, full = load_full_state_dict(str(ckpt))
         single_cfg = parse_args(flags)
         set_vocab_size(single_cfg, cfg.vocab_size)

@@ -57,16 +57,17 @@ def test_full_state_roundtrip_any_layout(tmp_path, tp, pp):
         root = tmp_path / style
         save_full_state_dict(cfg, sd, str(root), tp=tp, pp=pp, iteration=7)
         assert (root / "latest_checkpointed_iteration.txt").read_text() == "7"
-        ranks = sorted(os.listdir(root / "iter_0000007"))
-        assert ranks == ["config.json"] + sorted(
-            f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for t in range(tp) for p in range(pp))
-        # Rank files hold shards under local names: layer numbers restart on every stage.
-        last = torch.load(root / "iter_0000007" / ranks[-1] / "model_optim_rng.pt", weights_only=True)["model"]
-        assert last["layers.0.self_attention.linear_qkv.weight"].shape[0] == \
-            sd["layers.0.self_attention.linear_qkv.weight"].shape[0] // tp
-        assert len({k.split(".")[1] for k in last if k.startswith("layers.")}) == 4 // pp
-        if pp > 1 and style == "gpt2":  # tied: the last stage holds a copy of the embedding
-            assert "output_layer.weight" in last and "word_embeddings.weight" not in last
+        files = sorted(os.listdir(root / "iter_0000007"))
+        assert files == ["config.json", "metadata.json"] + sorted(
+            f"mp_rank_{t:02d}_{p:03d}_dp000.safetensors" for t in range(tp) for p in range(pp))
+        # Rank files hold TP shards under global names: the last stage holds the last layers.
+        with safe_open(root / "iter_0000007" / files[-1], "pt") as last:
+            qkv = f"model/layers.{4 - 4 // pp}.self_attention.linear_qkv.weight"
+            assert last.get_tensor(qkv).shape[0] == sd["layers.0.self_attention.linear_qkv.weight"].shape[0] // tp
+            layers = {k.split(".")[1] for k in last.keys() if k.startswith("model/layers.")}
+            assert layers == {str(i) for i in range(4 - 4 // pp, 4)}
+            if style == "gpt2":  # tied: the embedding is stored once, by the first stage
+                assert not any("output_layer" in k or (pp > 1 and "word_embeddings" in k) for k in last.keys())
         cfg2, sd2 = load_full_state_dict(str(root))
         assert cfg2.parallel.tensor_model_parallel_size == tp and cfg2.padded_vocab_size == (512 if tp == 2 else 384)
         assert set(sd2) == set(sd)
