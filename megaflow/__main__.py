@@ -1,4 +1,5 @@
 """`python -m megaflow [flags]` and `torchrun ... -m megaflow [flags]`: GPT pretraining."""
+import os
 import sys
 
 
@@ -10,6 +11,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megaflow: configuration error: {e}", file=sys.stderr)
         return 2
+    if cfg.training.dry_run:
+        return _dry_run(cfg)
     from megaflow.training.trainer import TrainingError, pretrain
     try:
         pretrain(cfg)
@@ -18,6 +21,19 @@ def main(argv=None) -> int:
         return 1
     finally:
         state.destroy()
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    from megaflow.config import ConfigError
+    from megaflow.training.dry_run import dry_run
+    try:
+        report = dry_run(cfg)
+    except ConfigError as e:
+        print(f"megaflow: configuration error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank checks, rank 0 prints
+        print(report)
     return 0
 
 
