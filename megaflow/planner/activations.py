@@ -84,17 +84,18 @@ def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
     return (nbytes if device == "cpu" else 1) * D["ts"] * D["h"]
 
 
-def weight_copies(cfg: Config, D: dict) -> float:
+def weight_copies(cfg: Config, D: dict) -> dict:
     """Autocast over fp32 parameters: each F.linear keeps the 16-bit copy of its weight. The sequence-
     parallel column layer casts inside its own autograd Function and keeps only the fp32 parameter."""
     if not D["autocast"]:
-        return 0.0
+        return {}
     m, tp, h = cfg.model, D["tp"], D["h"]
     d, f = D["d"], m.ffn_hidden_size
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    column = ((q + 2 * kv) // tp + f * (2 if m.swiglu else 1) // tp) * h
+    qkv, fc1 = (q + 2 * kv) // tp * h, f * (2 if m.swiglu else 1) // tp * h
     row = h * (q // tp) + h * (f // tp)
-    return 2 * (row + (0 if D["sp"] else column))
+    return {"qkv weight copy": 0 if D["sp"] else 2 * qkv,
+            "other weight copies": 2 * (row + (0 if D["sp"] else fc1))}
 
 
 def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict, float]:
@@ -134,8 +135,7 @@ def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
     terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(D), **attn,
              "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
              "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(D), "mlp": mlp,
-             "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch),
-             "autocast weight copies": weight_copies(cfg, D)}
+             "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D)}
     return {k: v for k, v in terms.items() if v}, extra
 
 
@@ -175,6 +175,10 @@ def head_terms(cfg: Config, device: str = "cpu") -> dict:
     return {k: val for k, val in terms.items() if val}
 
 
+# Terms of a layer still alive when its backward reaches core attention.
+ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables", "qkv weight copy")
+
+
 def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -> list[Segment]:
     """The segments of chunk v of stage pp_rank for one micro-batch, in forward order."""
     m = cfg.model
@@ -204,8 +208,14 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
                 else:
                     segs.append(Segment(f"layer {i}", layer, terms=terms))
     else:
+        # A layer's backward reaches core attention after the MLP and the projection have freed theirs:
+        # only the front of the layer is still there when selective recompute brings the core back.
+        front = {k: v for k, v in terms.items() if k in ATTENTION_FRONT}
+        back = {k: v for k, v in terms.items() if k not in ATTENTION_FRONT}
         for i in range(n_layers):
-            segs.append(Segment(f"layer {i}", layer, extra=core_extra, terms=terms))
+            segs.append(Segment(f"layer {i} up to core attention", sum(front.values()), extra=core_extra,
+                                terms=front))
+            segs.append(Segment(f"layer {i} from the projection on", sum(back.values()), terms=back))
     if post:
         terms = head_terms(cfg, device)
         segs.append(Segment("output", sum(terms.values()), terms=terms))

@@ -82,6 +82,7 @@ class ActivationMeter:
             tensors = [a for a in args if torch.is_tensor(a)]
             region = ActivationMeter(exclude=tensors)
             region.exclude |= meter.exclude
+            mf_random._ensure_seeded()
             tracker = mf_random.get_rng_tracker()
             saved_states = tracker.get_states()
             with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
@@ -128,3 +129,25 @@ def measure_step(model, batches, forward_backward, num_microbatches: int, **kw) 
     with meter.active():
         forward_backward(model, iter(batches), num_microbatches, **kw)
     return {"peak": meter.peak, "still_live": meter.live}
+
+
+def allocated_model_state_bytes(model, optimizer) -> dict:
+    """Bytes the engine really holds for model states, read from the tensors themselves (unique
+    storages): parameters, gradients (p.main_grad buffers, else p.grad), and optimizer state (the torch
+    optimizer's state tensors plus any separate fp32 main parameters it updates)."""
+    def unique_bytes(tensors):
+        seen = {}
+        for t in tensors:
+            if t is not None and torch.is_tensor(t):
+                seen[_key(t)] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    params = list(model.parameters())
+    model_keys = {_key(p) for p in params}
+    torch_opt = getattr(optimizer, "optimizer", optimizer)
+    opt_params = [q for g in torch_opt.param_groups for q in g["params"]]
+    states = [t for s in torch_opt.state.values() for t in s.values()]
+    return {"parameters": unique_bytes(params),
+            "gradients": unique_bytes(getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None
+                                      else p.grad for p in params),
+            "optimizer": unique_bytes(states) + unique_bytes(q for q in opt_params if _key(q) not in model_keys)}
