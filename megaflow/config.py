@@ -140,6 +140,9 @@ class TrainingConfig:
     eval_interval: Optional[int] = _f(1000, "evaluate every N iterations")
     eval_iters: int = _f(100, "batches per evaluation")
     early_stopping_patience: Optional[int] = _f(None, "stop after N evaluations without improvement")
+    check_for_spiky_loss: bool = _f(False, "stop (without saving) when the loss jumps above --spiky-loss-factor "
+                                           "× the largest of the last 100 losses", action="store_true")
+    spiky_loss_factor: float = _f(10.0, "how many times the recent maximum counts as a spike")
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
     dry_run: bool = _f(False, "build on the meta device, print the parallel layout and memory per rank, "
                               "and exit (no process group, no data)", action="store_true")
@@ -404,6 +407,7 @@ def validate(cfg: Config) -> None:
          "give --lr-warmup-iters or --lr-warmup-fraction, not both")
     need(t.early_stopping_patience is None or t.early_stopping_patience > 0,
          "--early-stopping-patience must be positive")
+    need(t.spiky_loss_factor > 0, "--spiky-loss-factor must be positive")
     need(t.early_stopping_patience is None or t.eval_interval,
          "--early-stopping-patience needs --eval-interval")
 

@@ -141,6 +141,8 @@ def get() -> ParallelState:
 
 def destroy() -> None:
     global _STATE
+    from megaflow.parallel import health
+    health.stop()
     if dist.is_initialized():
         # Gloo aborts a process that tears down while a peer still talks to it: meet first.
         dist.barrier()
