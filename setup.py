@@ -20,8 +20,10 @@ def _cpp_extensions():
     if not sources or Pybind11Extension is None or shutil.which(compiler) is None \
             or os.environ.get("MEGAFLOW_NO_CPP"):
         return []
+    # optional=True: a compiler that is present but fails (old, broken) only costs the speed-up;
+    # megaflow.data.helpers then uses its numpy twins, which give identical results.
     return [Pybind11Extension("megaflow.data._helpers", sources, cxx_std=17,
-                              extra_compile_args=["-O3"])]
+                              extra_compile_args=["-O3"], optional=True)]
 
 
 ext_modules = _cpp_extensions()

@@ -78,6 +78,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = _f(False, "ZeRO: shard optimizer state across DP", action="store_true")
     overlap_grad_reduce: bool = _f(False, "overlap DP gradient reduction with backward", action="store_true")
     overlap_param_gather: bool = _f(False, "overlap parameter all-gather with forward", action="store_true")
+    zero_stage: int = _f(2, "with --use-distributed-optimizer: 1 all-reduces gradients, 2 reduce-scatters "
+                            "them (each rank keeps its shard)", choices=[1, 2])
+    ddp_bucket_size: Optional[int] = _f(None, "elements per gradient-reduction bucket (default 40M)")
     distributed_backend: Optional[str] = _f(None, "default: nccl with CUDA, else gloo", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout")
     dry_run_world_size: Optional[int] = _f(None, "with --dry-run: the world size to plan for (default: "
@@ -132,6 +135,9 @@ class TrainingConfig:
     sgd_momentum: float = _f(0.9, "SGD momentum")
     bf16: bool = _f(False, "bf16 autocast", action="store_true")
     fp16: bool = _f(False, "fp16 autocast with dynamic loss scaling", action="store_true")
+    low_precision_params: bool = _f(False, "with --bf16/--fp16: keep the model's parameters in that dtype "
+                                    "and fp32 main parameters and gradients in the optimizer (Megatron's "
+                                    "--bf16); default: fp32 parameters under autocast", action="store_true")
     loss_scale: Optional[float] = _f(None, "static fp16 loss scale (default dynamic)")
     initial_loss_scale: float = _f(2.0 ** 32, "first dynamic loss scale")
     min_loss_scale: float = _f(1.0, "dynamic scale floor")
@@ -375,6 +381,10 @@ def validate(cfg: Config) -> None:
          f"--seq-length ({d.seq_length}) exceeds --max-position-embeddings ({m.max_position_embeddings})")
     need(not (t.bf16 and t.fp16), "--bf16 and --fp16 are mutually exclusive")
     need(t.train_iters is None or t.train_samples is None, "give --train-iters or --train-samples, not both")
+    need(not t.low_precision_params or t.bf16 or t.fp16, "--low-precision-params needs --bf16 or --fp16")
+    need(not p.overlap_param_gather or p.use_distributed_optimizer,
+         "--overlap-param-gather needs --use-distributed-optimizer")
+    need(p.ddp_bucket_size is None or p.ddp_bucket_size > 0, "--ddp-bucket-size must be positive")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")

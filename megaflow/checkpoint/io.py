@@ -4,6 +4,7 @@
     {save}/iter_{:07d}/config.json                  the resolved configuration
     {save}/iter_{:07d}/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt   model, optimizer, schedule (DP rank 0)
     {save}/iter_{:07d}/mp_rank_.../rng_dp{dp:03d}.pt                     each rank's RNG streams
+    {save}/iter_{:07d}/mp_rank_.../distrib_optim_dp{dp:03d}.pt           ZeRO: each DP rank's optimizer shard
 
 Every rank writes into iter_{:07d}.tmp/, all ranks meet at a barrier, then rank 0 renames the folder
 and only then points the tracker at it: an interrupted save never looks complete.
@@ -21,6 +22,12 @@ from megaflow.checkpoint.rng import get_rng_state
 from megaflow.parallel import state
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DISTRIBUTED = "distributed"  # model_optim_rng.pt's optimizer entry when each DP rank saved its own
+
+
+def distrib_optim_name() -> str:
+    """ZeRO optimizer state of this DP rank (Megatron keeps a distrib_optim.pt beside the model)."""
+    return f"distrib_optim_dp{state.get().dp_rank:03d}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -62,10 +69,17 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, scal
     _barrier()
     rank_dir = os.path.join(tmp, rank_dir_name())
     os.makedirs(rank_dir, exist_ok=True)
+    sharded = getattr(optimizer, "sharded", False)
+    if sharded:  # ZeRO: every DP rank holds its own part of the optimizer state
+        _save(optimizer.state_dict(), os.path.join(rank_dir, distrib_optim_name()))
     if st.dp_rank == 0:
+        optim_state = None if optimizer is None else (DISTRIBUTED if sharded else optimizer.state_dict())
         payload = {"iteration": iteration, "consumed_samples": consumed_samples,
-                   "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                   # Copies: parameters are views into one DP buffer. Saved as views they would still
+                   # share that storage once loaded (safetensors refuses such tensors, and saving any
+                   # one of them alone would write the whole buffer).
+                   "model": {k: v.clone() for k, v in model.state_dict().items()},
+                   "optimizer": optim_state,
                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
                    "loss_scaler": scaler.state_dict() if scaler is not None else None,
                    "extra": extra or {}}
@@ -123,7 +137,15 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, scaler=Non
         raise CheckpointError(f"{rank_dir}: model mismatch (missing {missing}, unexpected {unexpected}); "
                               "was it saved with another layout or model config?")
     if optimizer is not None and payload["optimizer"] is not None:
-        optimizer.load_state_dict(payload["optimizer"])
+        saved_sharded = isinstance(payload["optimizer"], str) and payload["optimizer"] == DISTRIBUTED
+        if saved_sharded != getattr(optimizer, "sharded", False):
+            raise CheckpointError(f"{rank_dir}: optimizer state saved {'with' if saved_sharded else 'without'} "
+                                  "--use-distributed-optimizer; load it the same way (or --no-load-optim)")
+        sd = _load(os.path.join(rank_dir, distrib_optim_name())) if saved_sharded else payload["optimizer"]
+        try:
+            optimizer.load_state_dict(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{rank_dir}: {e}") from e
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and payload["loss_scaler"] is not None:

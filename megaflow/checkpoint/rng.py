@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+from megaflow.parallel import device
 from megaflow.parallel.random import get_rng_tracker
 
 
@@ -17,8 +18,8 @@ def get_rng_state() -> dict:
     out = {"python": random.getstate(),
            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
            "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        out["cuda"] = torch.cuda.get_rng_state_all()
+    if device.accelerator_rng_states() is not None:
+        out["cuda"] = device.accelerator_rng_states()
     out["tracker"] = get_rng_tracker().get_states()  # {stream name: state tensor}
     return out
 
@@ -28,8 +29,7 @@ def set_rng_state(sd: dict) -> None:
     kind, keys, pos, has_gauss, cached = sd["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(sd["torch"])
-    if "cuda" in sd and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(sd["cuda"])
+    device.set_accelerator_rng_states(sd.get("cuda"))
     if sd.get("tracker"):
         get_rng_tracker().set_states(sd["tracker"])
 

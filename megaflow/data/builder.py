@@ -30,6 +30,21 @@ def gpt_config_from(cfg, tokenizer) -> GPTDatasetConfig:
         eod_mask_loss=d.eod_mask_loss)
 
 
+def train_valid_test_num_samples(cfg, train_iters: Optional[int] = None) -> List[int]:
+    """Megatron-LM's sample counts: train = iterations × global batch (or --train-samples); valid =
+    eval_iters × global batch × (train_iters // eval_interval + 1); test = eval_iters × global batch."""
+    t = cfg.training
+    gbs = t.global_batch_size
+    iters = train_iters if train_iters is not None else t.train_iters
+    if iters is None and t.train_samples is not None:
+        iters = t.train_samples // gbs
+    if iters is None:
+        raise ValueError("give --train-iters or --train-samples to size the datasets")
+    train = t.train_samples if t.train_samples is not None else iters * gbs
+    evals = (iters // t.eval_interval + 1) if t.eval_interval else 0
+    return [train, t.eval_iters * gbs * evals, t.eval_iters * gbs]
+
+
 def build_train_valid_test_datasets(cfg, tokenizer, train_valid_test_num_samples: Sequence[Optional[int]]):
     """(train, valid, test); an entry is None when its split is empty or has no data path.
     Call it on every rank that reads data: index caches are built once (file lock) and mmap-ed."""

@@ -88,8 +88,8 @@ class GPTDataset(torch.utils.data.Dataset):
             ("split_matrix", config.split_matrix),
             ("add_extra_token_to_sequence", config.add_extra_token_to_sequence),
             ("drop_last_partial_validation_sequence", config.drop_last_partial_validation_sequence),
-            # The data itself, so a regenerated .idx never reuses a stale cache entry.
-            ("num_sequences", len(dataset)), ("num_tokens", int(np.sum(dataset.sequence_lengths, dtype=np.int64))),
+            # The data itself (cheaply: counts and file sizes), so regenerated files never reuse a stale entry.
+            ("num_sequences", len(dataset)), ("data_bytes", _file_sizes(dataset_path)),
         ])
         self.unique_description = json.dumps(self.unique_identifiers, indent=4)
         self.unique_description_hash = description_hash(self.unique_description)
@@ -183,6 +183,12 @@ class GPTDataset(torch.utils.data.Dataset):
         labels[labels == cfg.pad] = 0
         sample["tokens"], sample["labels"] = tokens, labels
         return sample
+
+
+def _file_sizes(prefix: Optional[str]):
+    if prefix is None:
+        return None
+    return [os.path.getsize(prefix + ext) for ext in (".idx", ".bin") if os.path.exists(prefix + ext)]
 
 
 def masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_position_ids: bool,

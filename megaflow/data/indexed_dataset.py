@@ -186,18 +186,21 @@ class IndexedDatasetBuilder:
         self.token_count += arr.size
         self.end_document()
 
-    def add_documents(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
-        """Many single-sequence documents at once (the preprocessor's fast path)."""
+    def add_documents(self, tokens, seq_lengths, doc_nseq=None) -> None:
+        """Many documents at once (the preprocessor's fast path): doc_nseq[i] sequences make
+        document i (default: one sequence per document)."""
         arr = _as_array(tokens, self.dtype)
-        doc_lengths = np.asarray(doc_lengths, dtype=np.int32)
+        seq_lengths = np.asarray(seq_lengths, dtype=np.int32)
+        if doc_nseq is None:
+            doc_nseq = np.ones(len(seq_lengths), dtype=np.int64)
         self._data.write(arr.tobytes())
-        self._len.write(doc_lengths.tobytes())
+        self._len.write(seq_lengths.tobytes())
         if self._mode:
-            self._mode.write(np.zeros(len(doc_lengths), np.int8).tobytes())
-        bounds = self.sequence_count + np.arange(1, len(doc_lengths) + 1, dtype=np.int64)
+            self._mode.write(np.zeros(len(seq_lengths), np.int8).tobytes())
+        bounds = self.sequence_count + np.cumsum(doc_nseq, dtype=np.int64)
         self._doc.write(bounds.tobytes())
-        self.sequence_count += len(doc_lengths)
-        self.document_count += len(doc_lengths)
+        self.sequence_count += len(seq_lengths)
+        self.document_count += len(doc_nseq)
         self.token_count += arr.size
 
     def add_index(self, prefix: str) -> None:

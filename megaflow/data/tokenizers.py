@@ -113,7 +113,9 @@ class HuggingFaceTokenizer(BaseTokenizer):
         return self._tok.encode(text).ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: same ids, ~1.4x faster.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts))]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -157,8 +159,10 @@ class SentencePieceTokenizer(BaseTokenizer):
     def tokenize(self, text: str) -> List[int]:
         return self._sp.encode(text)
 
+    num_threads = -1  # batch encoding threads (-1: all cores); preprocessing workers use 1 each
+
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._sp.encode(list(texts))
+        return self._sp.encode(list(texts), num_threads=self.num_threads)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

@@ -11,6 +11,8 @@ import functools
 import torch
 import triton
 
+from megaflow.parallel.device import multiprocessor_count
+
 # Read once, when the kernels below and in the sibling modules are being defined: a kernel is an
 # interpreted function or a compiled one for its whole life, so this is the value that matters.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
@@ -41,7 +43,7 @@ def next_pow2(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return multiprocessor_count(device_index)
 
 
 def num_programs_for_rows(n_rows: int, device: torch.device, interpret_programs: int = 3) -> int:

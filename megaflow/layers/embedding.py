@@ -41,7 +41,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward_reduced(self, ids, sequence_parallel: bool = False):
         """Lookup followed by the sum over TP ranks; ids are [s, b] when sequence_parallel."""
-        out = self.forward(ids)
+        out = self(ids)  # through __call__: forward hooks (ZeRO parameter all-gather) must run
         if sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(out)
         return mappings.reduce_from_tensor_parallel_region(out)

@@ -1,4 +1,5 @@
 """The GPT model (math in gpt.py) and its layout-independent initialisation (init.py)."""
+import torch
 from torch import nn
 
 from megaflow.config import Config, virtual_pipeline_size
@@ -24,4 +25,6 @@ def build_model(cfg: Config) -> GPTModel | nn.ModuleList:
                                layer_numbers=stage_layer_numbers(cfg, st.pp_rank, st.pp_size, v)))
     model = chunks[0] if v_size == 1 else nn.ModuleList(chunks)
     initialize_weights(model, cfg.training.seed)
+    if cfg.training.low_precision_params:  # fp32 main copies live in the optimizer (optim/)
+        model.to(torch.bfloat16 if cfg.training.bf16 else torch.float16)
     return model

@@ -1,22 +1,39 @@
-"""Optimizer construction: AdamW or SGD, no weight decay on biases and norm weights (as Megatron)."""
+"""Optimizer construction: AdamW or SGD over the data-parallel gradient buffers, plain or ZeRO
+(optim/distrib_optimizer.py); no weight decay on biases and norm weights (as Megatron)."""
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch import nn
+
+from megaflow.optim.distrib_optimizer import MegaflowOptimizer
 
 
-def param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+def model_chunks(model) -> list:
+    """A model, or the list of model chunks of an interleaved pipeline stage, as a list."""
+    return list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
 
 
-def build_optimizer(cfg, model) -> torch.optim.Optimizer:
+def no_weight_decay(name: str, param) -> bool:
+    return param.ndim == 1 or name.endswith(".bias")
+
+
+def torch_optimizer_factory(cfg):
     t = cfg.training
-    groups = param_groups(model, t.weight_decay)
     if t.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.sgd_momentum)
+        return functools.partial(torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    return functools.partial(torch.optim.SGD, lr=t.lr, momentum=t.sgd_momentum)
+
+
+def build_optimizer(cfg, model) -> MegaflowOptimizer:
+    """Gradient buffers for every chunk of `model` (hooks registered on its parameters, whose data
+    move into the buffers) and the optimizer over them."""
+    t, p = cfg.training, cfg.parallel
+    chunks = model_chunks(model)
+    decay = {param: 0.0 if no_weight_decay(name, param) else t.weight_decay
+             for chunk in chunks for name, param in chunk.named_parameters()}
+    return MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
+                             sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
+                             bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+                             overlap_param_gather=p.overlap_param_gather)

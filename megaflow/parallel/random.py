@@ -23,6 +23,7 @@ import contextlib
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 
+from megaflow.parallel import device as device_mod
 from megaflow.parallel import state
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
@@ -35,18 +36,11 @@ def _device() -> torch.device:
 
 def get_device_rng_state(device: torch.device | None = None) -> torch.Tensor:
     """The default generator's state on the training device (the one dropout draws from)."""
-    device = device or _device()
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.get_rng_state()
+    return device_mod.rng_state(device or _device())
 
 
 def set_device_rng_state(new_state: torch.Tensor, device: torch.device | None = None) -> None:
-    device = device or _device()
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(new_state, device)
-    else:
-        torch.set_rng_state(new_state)
+    device_mod.set_rng_state(new_state, device or _device())
 
 
 def _seeded_state(seed: int, device: torch.device) -> torch.Tensor:
@@ -116,9 +110,7 @@ def model_parallel_seed(seed: int) -> None:
 
     `seed` is the per-pipeline-stage seed (the trainer passes seed + 100·pp_rank)."""
     st = state.get()
-    if st.device.type == "cuda":
-        torch.cuda.manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds every device's default generator
     _TRACKER.reset()
     _TRACKER.add(MODEL_PARALLEL_RNG, seed + MODEL_PARALLEL_SEED_OFFSET + st.tp_rank)
 

@@ -1,4 +1,4 @@
-"""Process groups in Megatron's rank order, and the one place that picks the device and backend.
+"""Process groups in Megatron's rank order (device and backend choice: parallel/device.py).
 
 Rank order "tp-dp-pp": the tensor-parallel index varies fastest, then data-parallel, then pipeline:
     global_rank = tp_rank + TP * (dp_rank + DP * pp_rank)
@@ -19,16 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def default_device() -> torch.device:
-    """CUDA when a GPU exists, else CPU. The only place megaflow decides this."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def default_backend(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+from megaflow.parallel.device import default_backend, default_device, set_current
 
 
 def layout_ranks(world_size: int, tp: int, pp: int):
@@ -82,8 +73,7 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     dev = torch.device(device) if device else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    set_current(dev)
     backend = backend or default_backend(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -8,6 +8,7 @@ the model's work, not the engine's).
 from __future__ import annotations
 
 from megaflow.config import Config
+from megaflow.parallel.device import device_name
 
 # Dense bf16 peaks (TFLOP/s) for MFU when --peak-tflops is not given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -35,8 +36,7 @@ def device_peak_tflops(cfg: Config, device) -> float | None:
     if cfg.logging.peak_tflops:
         return cfg.logging.peak_tflops
     if device.type == "cuda":
-        import torch
-        name = torch.cuda.get_device_name(device)
+        name = device_name(device)
         for key, peak in PEAK_TFLOPS.items():
             if key in name:
                 return peak

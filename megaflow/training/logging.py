@@ -30,7 +30,9 @@ def iteration_line(it: int, train_iters: int, m: dict) -> str:
              f" consumed samples: {m['consumed_samples']:12d}",
              f" elapsed time per iteration (ms): {m['iteration_time'] * 1000:.1f}"]
     if m.get("tflops") is not None:
-        parts.append(f" throughput per GPU (TFLOP/s/GPU): {m['tflops']:.1f}")
+        tflops = m["tflops"]  # CPU runs see fractions of a TFLOP/s: keep 3 significant digits there
+        parts.append(f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f}" if tflops >= 10 else
+                     f" throughput per GPU (TFLOP/s/GPU): {tflops:.3g}")
     if m.get("mfu") is not None:
         parts.append(f" MFU: {m['mfu'] * 100:.1f}%")
     parts += [f" tokens per second: {m['tokens_per_second']:.1f}",

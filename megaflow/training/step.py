@@ -9,7 +9,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megaflow.optim.grads import clip_gradients, finalize_gradients, global_grad_norm, unscale_and_check
 from megaflow.parallel import state
 from megaflow.pipeline.schedules import get_forward_backward_func
 
@@ -44,19 +43,20 @@ class StepResult:
 
 
 def train_step(cfg, model, optimizer, scaler, data_iterator, num_microbatches: int) -> StepResult:
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = None
+    """optimizer: a MegaflowOptimizer (optim/optimizer.py build_optimizer), which owns the gradient
+    buffers: it zeroes them, reduces them over DP (from backward hooks with --overlap-grad-reduce),
+    and updates (its shard of) the parameters."""
+    optimizer.start_step(num_microbatches)
     scale = scaler.scale if scaler is not None else 1.0
     losses = get_forward_backward_func()(model, data_iterator, num_microbatches, loss_scale=scale,
                                          autocast_ctx=autocast_context(cfg))
-    finalize_gradients(params)
-    found_inf = unscale_and_check(params, scale) if scaler is not None else False
+    optimizer.finish_grad_sync()
+    found_inf = optimizer.unscale_and_check(scale) if scaler is not None else False
     grad_norm = None
     if not found_inf:
-        grad_norm = global_grad_norm(params)
+        grad_norm = optimizer.grad_norm()
         if cfg.training.clip_grad > 0:
-            clip_gradients(params, cfg.training.clip_grad, grad_norm)
+            optimizer.clip_grads(cfg.training.clip_grad, grad_norm)
         if math.isfinite(grad_norm):
             optimizer.step()
     if scaler is not None:

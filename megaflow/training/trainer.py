@@ -197,6 +197,7 @@ class _Trainer:
             self._save()
         self.tb.close()
         self.timeline.save()
+        self.optimizer.finish_param_sync()  # the last step's parameter all-gathers (ZeRO)
         return r
 
     def _log(self, w, step, flops, peak):

@@ -15,7 +15,7 @@ from megaflow.parallel import state
 from tests.hf_helpers import TINY_GPT2
 from tests.launch import ROOT, torchrun
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a dev dependency: a missing one must fail, not skip
 
 COMMON = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "299", "--seq-length", "32",
           "--num-layers", "4", "--init-method-std", "0.1", "--micro-batch-size", "1"]

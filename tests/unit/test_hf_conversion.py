@@ -17,7 +17,7 @@ from megaflow.checkpoint.hf_folder import load_hf_weights
 from megaflow.config import ConfigError, config_from_kwargs, parse_args, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 
-transformers = pytest.importorskip("transformers")  # a dev dependency: always there in CI
+import transformers  # a dev dependency: a missing one must fail, not skip
 
 VOCAB = 300  # NullTokenizer --vocab-size 299 + EOD; padded to 384 (TP=1) or 512 (TP=2)
 

@@ -1,0 +1,1 @@
+"""JSONL -> .bin/.idx preprocessing (tools/preprocess_data.py): reader, cleaning, workers, writer."""

@@ -1,0 +1,165 @@
+"""The optimizer over the gradient buffers: plain data parallelism or ZeRO, fp32 main parameters.
+
+The update itself is torch.optim.AdamW (or SGD) run on *pieces*: for every parameter, the run of its
+elements this rank owns (optim/grad_buffer.py): all of them without ZeRO; with ZeRO
+(--use-distributed-optimizer) the part inside this rank's shard of each bucket. AdamW is elementwise,
+so the update of a piece is exactly the update of those elements of the whole tensor, and the sharded
+run computes what torch.optim.AdamW computes on the full model. Per piece:
+
+    model   a view of the parameter's elements in the bucket's param_data (model dtype)
+    grad    a view of the same elements of the fp32 grad_data (the reduced gradient)
+    main    the fp32 master copy the update acts on: the model view itself for fp32 parameters;
+            a separate fp32 tensor for bf16/fp16 parameters (--low-precision-params)
+
+Weight decay follows the whole parameter (no decay on biases and norm weights), as optimizer.py.
+With ZeRO, after the step every bucket's parameters are all-gathered from the DP shards (waited at
+once, or with --overlap-param-gather by each module just before its next forward).
+
+Memory per rank, Φ parameters on the rank's TP/PP shard, DP = d, Adam (exact bytes: memory_bytes()):
+    plain DP, fp32 params:  4Φ params + 4Φ grads + 8Φ Adam
+    plain DP, bf16 params:  2Φ params + 4Φ grads + 12Φ (fp32 main + Adam)
+    ZeRO, fp32 params:      4Φ + 4Φ + 8Φ/d
+    ZeRO, bf16 params:      2Φ + 4Φ + 12Φ/d   (Megatron-LM's distributed optimizer: 6 + 12/d)
+Gradients stay a full fp32 buffer in ZeRO-2 too: micro-batches accumulate into it and the bucket
+reduce-scatters once per step; after that only the rank's shard of it is read (see docs).
+"""
+from __future__ import annotations
+
+import torch
+
+from megaflow.model.init import global_name
+from megaflow.optim import grads
+from megaflow.optim.grad_buffer import GradSync
+from megaflow.parallel import state
+
+FORMAT = "megaflow.optimizer/1"
+
+
+class Piece:
+    __slots__ = ("param", "name", "bucket", "lo", "hi", "model", "grad", "main")
+
+    def __init__(self, param, name, bucket, lo, hi):
+        self.param, self.name, self.bucket, self.lo, self.hi = param, name, bucket, lo, hi
+        self.model = param.data.view(-1)[lo:hi]
+        self.grad = param.main_grad.view(-1)[lo:hi]
+        if param.dtype == torch.float32:
+            self.main = self.model
+        else:
+            self.main = self.model.detach().float()
+        self.main.grad = self.grad
+
+
+class MegaflowOptimizer:
+    """Grad buffers + (optionally sharded) torch optimizer. API used by training/step.py:
+    start_step, finish_grad_sync, unscale_and_check, grad_norm, clip_grads, step."""
+
+    def __init__(self, chunks: list, make_optimizer, weight_decay_of, *, sharded: bool = False,
+                 zero_stage: int = 2, bucket_size: int | None = None, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False):
+        self.chunks = chunks
+        self.sharded = sharded
+        self.zero_stage = zero_stage if sharded else 0
+        self.overlap_param_gather = overlap_param_gather and sharded
+        self.sync = GradSync(chunks, bucket_size, overlap_grad_reduce, reduce_scatter=self.zero_stage == 2)
+        names = {p: global_name(c, n) for c in chunks for n, p in c.named_parameters()}
+        self.pieces = [Piece(p, names[p], b, lo, hi) for p, b, lo, hi in self.sync.owned_pieces(sharded)]
+        groups = {}
+        for piece in self.pieces:
+            groups.setdefault(weight_decay_of(piece.param), []).append(piece.main)
+        self.optimizer = make_optimizer([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()])
+        if self.overlap_param_gather:
+            self.sync.register_param_sync_hooks(chunks)
+
+    # -- the step, in train_step's order -----------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def start_step(self, num_microbatches: int) -> None:
+        # Parameter all-gathers of the last step may still be in flight (--overlap-param-gather):
+        # each module's forward waits for its own; zeroing gradients does not touch parameters.
+        self.sync.start_step(num_microbatches)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather in flight: call before reading parameters outside a
+        forward or state_dict (which wait by themselves)."""
+        self.sync.finish_param_sync()
+
+    def finish_grad_sync(self) -> None:
+        self.sync.finish_grad_sync()
+
+    def _grads(self):
+        return [piece.grad for piece in self.pieces]
+
+    def unscale_and_check(self, scale: float) -> bool:
+        return grads.unscale_and_check(self._grads(), scale)
+
+    def grad_norm(self) -> float:
+        return grads.global_grad_norm([(pc.param, pc.grad) for pc in self.pieces], over_dp=self.sharded)
+
+    def clip_grads(self, max_norm: float, norm: float) -> None:
+        grads.clip_gradients(self._grads(), max_norm, norm)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        for piece in self.pieces:
+            if piece.main is not piece.model:
+                piece.model.copy_(piece.main)
+        if self.sharded:
+            self.sync.start_param_sync()
+            if not self.overlap_param_gather:
+                self.sync.finish_param_sync()
+
+    # -- checkpoints: per rank, self-describing ------------------------------------------------
+    def layout(self) -> dict:
+        """What the state covers: (global parameter name, first, last element) per piece, and for
+        ZeRO which DP shard. Without ZeRO every DP rank holds the same state, whatever the DP size."""
+        st = state.get()
+        out = {"sharded": self.sharded, "pieces": [[pc.name, pc.lo, pc.hi] for pc in self.pieces]}
+        if self.sharded:
+            out.update(dp_size=st.dp_size, dp_rank=st.dp_rank)
+        return out
+
+    def state_dict(self) -> dict:
+        self.sync.finish_param_sync()
+        separate = any(pc.main is not pc.model for pc in self.pieces)
+        return {"format": FORMAT, "layout": self.layout(), "optimizer": self.optimizer.state_dict(),
+                "main_params": [pc.main.clone() for pc in self.pieces] if separate else None}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("format") != FORMAT:
+            raise ValueError(f"optimizer state is not {FORMAT} (found {sd.get('format')!r})")
+        mine, saved = self.layout(), sd["layout"]
+        if mine != saved:
+            what = sorted(k for k in set(mine) | set(saved) if mine.get(k) != saved.get(k))
+            raise ValueError(f"optimizer state was saved with another layout (differs in {what}); "
+                             "loading it needs the same DP size, ZeRO setting and bucket layout")
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if sd["main_params"] is not None:
+            for pc, t in zip(self.pieces, sd["main_params"]):
+                pc.main.copy_(t)
+
+    # -- memory ---------------------------------------------------------------------------------
+    def memory_bytes(self) -> dict:
+        """Bytes this rank holds for model states (exact once the optimizer state exists; computed
+        ahead of the first step from the optimizer type)."""
+        owned = sum(pc.hi - pc.lo for pc in self.pieces)
+        main = sum(pc.main.numel() * 4 for pc in self.pieces if pc.main is not pc.model)
+        opt = self.optimizer
+        if isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
+            state = owned * 8 + len(self.pieces) * 4         # exp_avg, exp_avg_sq; a float32 step each
+        elif isinstance(opt, torch.optim.SGD) and any(g.get("momentum", 0) for g in opt.param_groups):
+            state = owned * 4                                 # momentum buffer
+        else:
+            state = 0
+        return {"parameters": self.sync.param_bytes(), "gradients": self.sync.grad_bytes(),
+                "optimizer": main + state, "main_params": main, "optimizer_state": state,
+                "num_parameters": sum(p.numel() for buf in self.sync.buffers for p in buf.params),
+                "owned_elements": owned}
+
+    def measured_state_bytes(self) -> int:
+        """Bytes of the tensors the torch optimizer actually holds (for tests)."""
+        return sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                   for t in s.values() if torch.is_tensor(t))

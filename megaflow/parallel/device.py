@@ -1,0 +1,53 @@
+"""The one place megaflow talks to the accelerator API: which device and backend to use, its RNG
+state, its name and size. Everything else asks here, so a new device type is one file's change."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU exists, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def set_current(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The default generator's state on `device` (the one dropout draws from there)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(new_state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(new_state, device)
+    else:
+        torch.set_rng_state(new_state)
+
+
+def accelerator_rng_states() -> list | None:
+    """Every GPU generator's state (None without GPUs), for checkpoints."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_accelerator_rng_states(states) -> None:
+    if states is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
