@@ -15,8 +15,9 @@ a = bytes of a GEMM output (2 with --bf16/--fp16, else 4), r = bytes of the resi
 16-bit copy of its weight (2 bytes per element) and a 16-bit copy of an fp32 input.
 
 Per transformer layer:
-    norms (2)     LayerNorm: x r·ts·h + mean, rstd 4·ts each | RMSNorm cpu: x, x̂ r·ts·h each + rstd 4·ts |
-                  cuda: x + mean, rstd fp32
+    norms (2)     LayerNorm: x r·ts·h + mean, rstd 4·ts each | RMSNorm cpu: x, x̂ r·ts·h each + rstd 4·ts
+                  (CPU autocast runs it in fp32: a 16-bit x is cast and x, x̂ are 4 bytes) | cuda: x + mean,
+                  rstd fp32
     GEMM inputs   QKV and FC1: a·ts·h (under SP the layer keeps its local fp32/16-bit shard: r·ts·h);
                   projection and FC2 inputs are the attention output and the MLP product below
     attention     flash (cuda always; cpu without attention dropout): the QKV output a·t·(n+2g)·d (q, k,
@@ -66,16 +67,26 @@ def _dims(cfg: Config):
                 r=4 if autocast else a, autocast=autocast, tp=tp, sp=p.sequence_parallel and tp > 1)
 
 
+def _norm_bytes(cfg: Config, device: str, D: dict) -> int:
+    """dtype size of what a norm keeps and outputs: CPU autocast runs RMSNorm in fp32 (its input is
+    cast, so the 16-bit residual is not what is kept); LayerNorm and the Triton norms keep the input's."""
+    half = cfg.training.bf16 or cfg.training.fp16
+    rms_cpu = device == "cpu" and cfg.model.normalization == "RMSNorm"
+    return 4 if (rms_cpu and half) else D["r"]
+
+
 def _norm(cfg: Config, device: str, D: dict) -> float:
-    r, ts, h = D["r"], D["ts"], D["h"]
+    ts, h = D["ts"], D["h"]
+    nb = _norm_bytes(cfg, device, D)
     if cfg.model.normalization == "LayerNorm" or device == "cuda":
-        return r * ts * h + 2 * 4 * ts
-    return 2 * r * ts * h + 4 * ts
+        return nb * ts * h + 2 * 4 * ts
+    return 2 * nb * ts * h + 4 * ts
 
 
-def _column_input(D: dict) -> float:
-    """What a column-parallel layer (QKV, FC1, output layer) keeps of its input (a norm output)."""
-    return (D["r"] if D["sp"] else D["a"]) * D["ts"] * D["h"]
+def _column_input(cfg: Config, device: str, D: dict) -> float:
+    """What a column-parallel layer (QKV, FC1, output layer) keeps of its input, a norm output: its
+    16-bit cast, or under SP the local shard as the norm produced it."""
+    return (_norm_bytes(cfg, device, D) if D["sp"] else D["a"]) * D["ts"] * D["h"]
 
 
 def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
@@ -132,9 +143,9 @@ def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
         mlp = 2 * a * t * f
     # The residual branch's output: 16-bit GEMM output, promoted to fp32 by an fp32 bias under autocast.
     branch = D["r"] if (D["autocast"] and m.add_bias_linear) else a
-    terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(D), **attn,
+    terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(cfg, device, D), **attn,
              "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
-             "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(D), "mlp": mlp,
+             "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(cfg, device, D), "mlp": mlp,
              "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D)}
     return {k: v for k, v in terms.items() if v}, extra
 
@@ -170,7 +181,7 @@ def head_terms(cfg: Config, device: str = "cpu") -> dict:
     else:  # Triton cross entropy: the logits, labels, fp32 logsumexp
         loss = a * t * v + 8 * t + 4 * t
     copy = 2 * v * h if (D["autocast"] and not D["sp"]) else 0
-    terms = {"final norm": _norm(cfg, device, D), "output layer input": _column_input(D), "cross entropy": loss,
+    terms = {"final norm": _norm(cfg, device, D), "output layer input": _column_input(cfg, device, D), "cross entropy": loss,
              "loss mask": 4 * t, "autocast weight copy": copy}
     return {k: val for k, val in terms.items() if val}
 
@@ -192,6 +203,9 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
     terms, core_extra = layer_terms(cfg, device)
     layer = sum(terms.values())
     x = D["r"] * D["ts"] * D["h"]  # a layer's (or a checkpointed chunk's) input
+    # A recomputed layer's first norm keeps that same input, unless it first casts it (CPU RMSNorm of a
+    # 16-bit residual): then the recompute's copy is new memory.
+    shared = x if _norm_bytes(cfg, device, D) == D["r"] else 0.0
     rope = rope_tables(cfg, device)  # seen by autograd only when the layer is not checkpointed whole
     if m.recompute_granularity == "full":
         k = m.recompute_num_layers or 1
@@ -199,11 +213,11 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
             for start in range(0, n_layers, k):
                 size = min(k, n_layers - start)
                 segs.append(Segment(f"layers {start}-{start + size - 1} (recomputed)", x,
-                                    extra=size * (layer + rope) - x, terms={"chunk input": x}))
+                                    extra=size * (layer + rope) - shared, terms={"chunk input": x}))
         else:  # block: the first k layers checkpointed one by one, the rest kept
             for i in range(n_layers):
                 if i < k:
-                    segs.append(Segment(f"layer {i} (recomputed)", x, extra=layer + rope - x,
+                    segs.append(Segment(f"layer {i} (recomputed)", x, extra=layer + rope - shared,
                                         terms={"input": x}))
                 else:
                     segs.append(Segment(f"layer {i}", layer, terms=terms))

@@ -8,10 +8,8 @@ without starting a process group, so it runs on a login node, in CI, or under to
 """
 from __future__ import annotations
 
-import torch
-
 from megaflow.config import Config, num_microbatches, set_vocab_size, virtual_pipeline_size
-from megaflow.parallel import state
+from megaflow.parallel import device as accelerator, state
 from megaflow.parallel.state import layout_ranks
 from megaflow.planner import tokenizer_vocab_size
 from megaflow.planner.activations import stage_activation_bytes
@@ -111,7 +109,7 @@ def dry_run(cfg: Config) -> str:
     set_vocab_size(cfg, vocab)
     m, t = cfg.model, cfg.training
     counts = [check_parameters(cfg, r) for r in range(cfg.parallel.pipeline_model_parallel_size)]
-    device = t.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = t.device or accelerator.default_device().type
     mbs = num_microbatches(cfg)
     pp, vs = cfg.parallel.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
     bubble = (pp - 1) / (vs * mbs + pp - 1) if pp > 1 else 0.0

@@ -67,10 +67,10 @@ def test_parameter_count_and_list_match_a_real_model(style):
     assert total_parameters(make_cfg(style, world_size=2, pipeline_model_parallel_size=2)) == total_parameters(cfg)
 
 
-@pytest.mark.parametrize("style,optimizer,bf16", [("gpt2", "adam", False), ("llama", "adam", True),
-                                                  ("llama", "sgd", False)])
-def test_model_state_bytes_equal_what_the_engine_allocates(style, optimizer, bf16):
-    cfg = make_cfg(style, optimizer=optimizer, bf16=bf16, global_batch_size=4)
+@pytest.mark.parametrize("style,optimizer,precision", [("gpt2", "adam", "fp32"), ("llama", "adam", "bf16 autocast"),
+                                                       ("llama", "adam", "bf16 params"), ("llama", "sgd", "fp32")])
+def test_model_state_bytes_equal_what_the_engine_allocates(style, optimizer, precision):
+    cfg = make_cfg(style, optimizer=optimizer, global_batch_size=4, ddp_bucket_size=4000, **PRECISION[precision])
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
     train_step(cfg, model, opt, None, iter(batches(cfg, 2)), 2)
@@ -81,9 +81,11 @@ def test_model_state_bytes_equal_what_the_engine_allocates(style, optimizer, bf1
 
 
 GRID = list(itertools.product(["gpt2", "llama"], [0.0, 0.1],
-                              [None, "selective", "full", "full-2", "block-2"], [False]))
-GRID += [(style, drop, rc, True) for style, drop, rc in itertools.product(["gpt2", "llama"], [0.0, 0.1],
-                                                                           [None, "full"])]
+                              [None, "selective", "full", "full-2", "block-2"], ["fp32"]))
+GRID += [(style, drop, rc, precision) for style, drop, rc, precision in itertools.product(
+    ["gpt2", "llama"], [0.0, 0.1], [None, "selective", "full"], ["bf16 autocast", "bf16 params"])]
+PRECISION = {"fp32": {}, "bf16 autocast": {"bf16": True},
+             "bf16 params": {"bf16": True, "low_precision_params": True}}
 
 
 def _recompute(rc):
@@ -94,10 +96,10 @@ def _recompute(rc):
                 recompute_num_layers=int(k or 1))
 
 
-@pytest.mark.parametrize("style,dropout,recompute,bf16", GRID)
-def test_activation_peak_of_a_step_matches_the_formula(style, dropout, recompute, bf16):
-    cfg = make_cfg(style, hidden_dropout=dropout, attention_dropout=dropout, bf16=bf16, global_batch_size=4,
-                   **_recompute(recompute))
+@pytest.mark.parametrize("style,dropout,recompute,precision", GRID)
+def test_activation_peak_of_a_step_matches_the_formula(style, dropout, recompute, precision):
+    cfg = make_cfg(style, hidden_dropout=dropout, attention_dropout=dropout, global_batch_size=4,
+                   **PRECISION[precision], **_recompute(recompute))
     model = build_model(cfg)
     measured = measure_step(model, batches(cfg, 2), forward_backward_no_pipelining, 2,
                             autocast_ctx=autocast_context(cfg))
