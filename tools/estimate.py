@@ -40,6 +40,7 @@ def cluster_parser() -> argparse.ArgumentParser:
     c.add_argument("--efficiency", type=float, default=0.55, help="fraction of peak large GEMMs reach")
     c.add_argument("--hbm-bandwidth", type=float, default=3350.0, help="GB/s of device memory")
     c.add_argument("--latency-us", type=float, default=20.0, help="fixed cost per collective")
+    c.add_argument("--kernel-overhead-us", type=float, default=5.0, help="fixed cost per kernel launch")
     c.add_argument("--reserved-gib", type=float, default=4.0, help="memory kept free (context, fragmentation)")
     o = p.add_argument_group("output")
     o.add_argument("--kernels", choices=["cuda", "cpu"], default="cuda", help="activation model to use")
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node, memory_gib=args.gpu_memory_gib,
                       intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth,
                       peak_tflops=args.peak_tflops, efficiency=args.efficiency, hbm_gbps=args.hbm_bandwidth,
-                      latency_us=args.latency_us, reserved_gib=args.reserved_gib)
+                      latency_us=args.latency_us, kernel_overhead_us=args.kernel_overhead_us,
+                      reserved_gib=args.reserved_gib)
     try:
         base = parse_args(rest, world_size=args.gpus, check=False)
         if base.training.global_batch_size is None:

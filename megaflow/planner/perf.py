@@ -12,6 +12,8 @@
                 the parameter all-gather; with --overlap-grad-reduce / --overlap-param-gather only what
                 the last backward / first forward cannot hide
     optimizer   memory-bound: the owned elements' bytes read and written once at HBM bandwidth
+    overhead    KERNELS_PER_LAYER kernels per layer forward (twice that backward) × kernel_overhead_us per
+                micro-batch: what makes tiny micro-batches slow although their FLOPs are the same
 Bandwidths are per GPU and per direction: a group inside one node uses the intra-node figure, a group
 spanning nodes the inter-node one. Every collective also pays `latency_us`.
 """
@@ -22,6 +24,9 @@ from dataclasses import dataclass
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
 from megaflow.planner.memory import DEFAULT_BUCKET_SIZE, model_state_bytes
 from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
+
+
+KERNELS_PER_LAYER = 25  # a transformer layer's forward: norms, GEMMs, attention, RoPE, activation, adds
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Cluster:
     efficiency: float = 0.55          # fraction of peak a large GEMM reaches in practice
     hbm_gbps: float = 3350.0
     latency_us: float = 20.0
+    kernel_overhead_us: float = 5.0   # launch and tail cost per kernel: small micro-batches pay it more often
     reserved_gib: float = 4.0         # CUDA context, allocator fragmentation, workspaces
 
 
@@ -101,7 +107,9 @@ def stage_times(cfg: Config, pp_rank: int, cluster: Cluster) -> dict:
         tp_fwd, tp_bwd = layers * 2 * ar, layers * 2 * ar
     if m.recompute_granularity == "full":
         tp_bwd += tp_fwd
-    return {"forward": fwd / rate + tp_fwd, "backward": (2 * fwd + recompute) / rate + tp_bwd,
+    launch = layers * KERNELS_PER_LAYER * cluster.kernel_overhead_us * 1e-6
+    return {"forward": fwd / rate + tp_fwd + launch,
+            "backward": (2 * fwd + recompute) / rate + tp_bwd + launch * (3 if m.recompute_granularity == "full" else 2),
             "compute": (3 * fwd + recompute) / rate, "tp_comm": tp_fwd + tp_bwd}
 
 

@@ -48,6 +48,10 @@ class Plan:
             out.append("--use-distributed-optimizer")
             if getattr(p, "zero_stage", 2) != 2:
                 out.append(f"--zero-stage {p.zero_stage}")
+        if p.overlap_grad_reduce:
+            out.append("--overlap-grad-reduce")
+        if p.overlap_param_gather:
+            out.append("--overlap-param-gather")
         if m.recompute_granularity:
             out.append(f"--recompute-granularity {m.recompute_granularity}")
         out.append(f"--micro-batch-size {t.micro_batch_size}")
