@@ -8,8 +8,9 @@ directory first on PATH and run a recipe unchanged:
              every rank: megaflow's --dry-run builds all stages on the meta device)
   srun       drops its options and runs the command (the job's environment comes from the test)
   scontrol   `scontrol show hostnames LIST` prints LIST's first host
-  python     `python pretrain_gpt.py ...` gets --dry-run; `python tools/X.py ...` checks that every flag is
-             one the tool's --help lists, without running it; anything else runs as is
+  python     `python pretrain_gpt.py ...` and `python -m megaflow ...` get --dry-run; `python -m pytest
+             PATHS` checks the paths exist; any other `python SCRIPT.py ...` or `python -m MODULE ...` is
+             not run: every flag it uses must be one its --help lists; anything else is refused
 Each launch is appended to tmp/launches.log. $DRY_RUN_EXTRA (e.g. "--vocab-size 128256": tokenizer files
 are not here) is added to every dry run.
 """
@@ -31,12 +32,20 @@ def log(line):
 
 def dry_run(script, args, world):
     log(f"dry-run world={{world}} {{script}} {{' '.join(args)}}")
-    sys.exit(subprocess.call([REAL, script, *args, "--dry-run", "--world-size", str(world), *extra]))
+    added = [] if "--dry-run" in args else ["--dry-run", "--world-size", str(world)]  # a documented dry run
+    sys.exit(subprocess.call([REAL, script, *args, *added, *extra]))
 
 
-def check_tool_flags(script, args):
-    helptext = subprocess.run([REAL, script, "--help"], capture_output=True, text=True).stdout
+def check_tool_flags(target, args):
+    done = subprocess.run([REAL, *target, "--help"], capture_output=True, text=True, timeout=120)
+    script = " ".join(target)
+    if done.returncode != 0 or "usage:" not in done.stdout:
+        print(f"{{script}} --help did not print a usage: {{done.stderr[-500:]}}", file=sys.stderr)
+        sys.exit(2)
+    helptext = done.stdout
     known = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", helptext))
+    if "--" in args:  # what follows goes to another program (tools/serve.py passes it to vLLM)
+        args = args[:args.index("--")]
     unknown = [a.split("=")[0] for a in args if a.startswith("--") and a.split("=")[0] not in known]
     log(f"tool {{script}} flags={{' '.join(a for a in args if a.startswith('--'))}} unknown={{unknown}}")
     if unknown:
@@ -82,11 +91,23 @@ elif ROLE == "scontrol":
     assert argv[:2] == ["show", "hostnames"], argv
     print(argv[2].split(",")[0].split("[")[0] + "1")
 else:  # python
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if argv and argv[0].endswith("pretrain_gpt.py"):
-        dry_run(argv[0], argv[1:], int(os.environ.get("WORLD_SIZE", "1")))
-    if argv and argv[0].startswith("tools/"):
-        check_tool_flags(argv[0], argv[1:])
-    os.execv(REAL, [REAL, *argv])
+        dry_run(argv[0], argv[1:], world)
+    if argv[:2] == ["-m", "megaflow"]:
+        dry_run("pretrain_gpt.py", argv[2:], world)
+    if argv[:2] == ["-m", "pytest"]:
+        paths = [a.split("::")[0] for a in argv[2:]
+                 if not a.startswith("-") and (a.startswith("tests") or "/" in a or a.endswith(".py"))]
+        missing = [p for p in paths if not os.path.exists(p)]
+        log(f"pytest {{paths}} missing={{missing}}")
+        sys.exit(2 if missing or not paths else 0)
+    if argv and argv[0] == "-m":
+        check_tool_flags(["-m", argv[1]], argv[2:])
+    if argv and argv[0].endswith(".py"):
+        check_tool_flags([argv[0]], argv[1:])
+    print(f"python stand-in: not a documented kind of command: {{argv}}", file=sys.stderr)
+    sys.exit(3)
 '''
 
 

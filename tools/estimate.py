@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaflow.config import ConfigError, parse_args, set_vocab_size  # noqa: E402
+from megaflow.config import ConfigError, build_parser, parse_args, set_vocab_size  # noqa: E402
 from megaflow.planner import tokenizer_vocab_size  # noqa: E402
 from megaflow.planner.perf import Cluster  # noqa: E402
 from megaflow.planner.search import GIB, SEARCHED, search  # noqa: E402
@@ -69,6 +69,11 @@ HEADER = ("  #  TP SP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    a
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(cluster_parser().format_help())
+        print("model and training: every pretrain_gpt.py flag, below\n")
+        print(build_parser().format_help())
+        return 0
     args, rest = cluster_parser().parse_known_args(argv)
     cluster = Cluster(gpus=args.gpus, gpus_per_node=args.gpus_per_node, memory_gib=args.gpu_memory_gib,
                       intra_node_gbps=args.intra_node_bandwidth, inter_node_gbps=args.inter_node_bandwidth,

@@ -93,14 +93,14 @@ def layout_report(cfg: Config) -> list[str]:
 
 def memory_report(cfg: Config, device: str) -> list[str]:
     lines = [f"memory per rank (GiB; activations for the {device} kernels, at the stage's peak in its schedule):",
-             "  stage  parameters  gradients  optimizer  activations (micro-batches alive)  total"]
+             "  stage  parameters  gradients  optimizer  activations  (micro-batches alive)    total"]
     for r in range(cfg.parallel.pipeline_model_parallel_size):
         states = model_state_bytes(cfg, r)
         act = stage_activation_bytes(cfg, r, device)
         total = states["parameters"] + states["gradients"] + states["optimizer"] + act["peak"]
         lines.append(f"  {r:>5}  {states['parameters'] / GIB:10.3f} {states['gradients'] / GIB:10.3f} "
-                     f"{states['optimizer'] / GIB:10.3f} {act['peak'] / GIB:12.3f} ({act['in_flight']:>3})"
-                     f"{'':>20}{total / GIB:7.3f}")
+                     f"{states['optimizer'] / GIB:10.3f} {act['peak'] / GIB:12.3f}  ({act['in_flight']:>3}){'':>17}"
+                     f"{total / GIB:8.3f}")
     return lines
 
 
