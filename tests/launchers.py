@@ -11,7 +11,7 @@ directory first on PATH and run a recipe unchanged:
   python     `python pretrain_gpt.py ...` and `python -m megaflow ...` get --dry-run; `python -m pytest
              PATHS` checks the paths exist; any other `python SCRIPT.py ...` or `python -m MODULE ...` is
              not run: every flag it uses must be one its --help lists; anything else is refused
-Each launch is appended to tmp/launches.log. $DRY_RUN_EXTRA (e.g. "--vocab-size 128256": tokenizer files
+Each launch is appended to tmp/launches.log; $HELP_CACHE (a directory) keeps each tool's --help text. $DRY_RUN_EXTRA (e.g. "--vocab-size 128256": tokenizer files
 are not here) is added to every dry run.
 """
 import os
@@ -37,12 +37,20 @@ def dry_run(script, args, world):
 
 
 def check_tool_flags(target, args):
-    done = subprocess.run([REAL, *target, "--help"], capture_output=True, text=True, timeout=120)
     script = " ".join(target)
-    if done.returncode != 0 or "usage:" not in done.stdout:
-        print(f"{{script}} --help did not print a usage: {{done.stderr[-500:]}}", file=sys.stderr)
-        sys.exit(2)
-    helptext = done.stdout
+    cache = os.environ.get("HELP_CACHE")  # a directory shared by one test session: --help once per tool
+    cached = os.path.join(cache, re.sub(r"[^A-Za-z0-9]", "_", script)) if cache else None
+    if cached and os.path.exists(cached):
+        helptext = open(cached).read()
+    else:
+        done = subprocess.run([REAL, *target, "--help"], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0 or "usage:" not in done.stdout:
+            print(f"{{script}} --help did not print a usage: {{done.stderr[-500:]}}", file=sys.stderr)
+            sys.exit(2)
+        helptext = done.stdout
+        if cached:
+            with open(cached, "w") as fh:
+                fh.write(helptext)
     known = set(re.findall(r"(--[a-z0-9][a-z0-9-]*)", helptext))
     if "--" in args:  # what follows goes to another program (tools/serve.py passes it to vLLM)
         args = args[:args.index("--")]

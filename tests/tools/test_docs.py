@@ -67,8 +67,13 @@ def _pip(argv):
         assert spec == "torch==2.13.0" or (m and set(filter(None, (m.group(1) or "").split(","))) <= extras), spec
 
 
+@pytest.fixture(scope="module")
+def help_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("help"))
+
+
 @pytest.mark.parametrize("path,tokens", ALL, ids=[f"{p}:{' '.join(t)[:60]}" for p, t in ALL])
-def test_documented_command(tmp_path, path, tokens):
+def test_documented_command(tmp_path, help_cache, path, tokens):
     env, argv = _env_and_argv(tokens)
     tool = argv[0]
     if tool == "pip":
@@ -86,7 +91,8 @@ def test_documented_command(tmp_path, path, tokens):
     bin_dir = dry_run_path(tmp_path)
     extra = "" if "--vocab-size" in argv else "--vocab-size 32000"  # tokenizer files are not here
     full_env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], DRY_RUN_EXTRA=extra,
-                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                    HELP_CACHE=help_cache)
     full_env.update(env)  # the command's own VAR=value prefixes (run from the repository's root)
     proc = subprocess.run([os.path.join(bin_dir, tool), *argv[1:]], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=240)
