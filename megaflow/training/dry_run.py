@@ -66,7 +66,7 @@ def _shards(cfg: Config, tp_rank: int) -> str:
 
 
 def layout_report(cfg: Config) -> list[str]:
-    p, m = cfg.parallel, cfg.model
+    p = cfg.parallel
     tp, pp, dp, vs = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.data_parallel_size, \
         virtual_pipeline_size(cfg)
     groups = layout_ranks(cfg.world_size, tp, pp)
@@ -113,7 +113,7 @@ def dry_run(cfg: Config) -> str:
     mbs = num_microbatches(cfg)
     pp, vs = cfg.parallel.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
     bubble = (pp - 1) / (vs * mbs + pp - 1) if pp > 1 else 0.0
-    lines = [f"megaflow dry run: nothing allocated, no process group, no data read",
+    lines = ["megaflow dry run: nothing allocated, no process group, no data read",
              f"model: {m.model_style} style, {m.num_layers} layers, hidden {m.hidden_size}, heads "
              f"{m.num_attention_heads} (query groups {m.num_query_groups}, head dim {head_dim(cfg)}), ffn "
              f"{m.ffn_hidden_size}, vocabulary {vocab} (from the {source}) padded to {cfg.padded_vocab_size}: "
