@@ -1,4 +1,5 @@
 """`python -m megaflow [flags]` and `torchrun ... -m megaflow [flags]`: GPT pretraining."""
+import os
 import sys
 
 
@@ -10,14 +11,48 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"megaflow: configuration error: {e}", file=sys.stderr)
         return 2
+    if cfg.training.dry_run:
+        return _dry_run(cfg)
     from megaflow.training.trainer import TrainingError, pretrain
     try:
         pretrain(cfg)
-    except TrainingError as e:
+    except TrainingError as e:  # every rank agreed to stop (NaN loss, ...): leave together
         print(f"megaflow: training stopped: {e}", file=sys.stderr)
-        return 1
-    finally:
         state.destroy()
+        return 1
+    except Exception as e:
+        if state.get().world_size == 1:
+            raise
+        _distributed_failure(e)  # does not return
+    state.destroy()
+    return 0
+
+
+def _distributed_failure(error: BaseException) -> None:
+    """A rank failed or a collective broke: say which ranks are gone, then exit at once (tearing down
+    a process group whose peers are dead can block, so no barrier and no destructors)."""
+    import traceback
+    from megaflow.parallel import health
+    traceback.print_exc()
+    monitor = health.get()
+    what = monitor.diagnose(error) if monitor is not None else f"{type(error).__name__}: {error}"
+    print(f"megaflow: {what}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if monitor is not None:
+        monitor.linger()
+    os._exit(1)
+
+
+def _dry_run(cfg) -> int:
+    from megaflow.config import ConfigError
+    from megaflow.training.dry_run import dry_run
+    try:
+        report = dry_run(cfg)
+    except ConfigError as e:
+        print(f"megaflow: configuration error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank checks, rank 0 prints
+        print(report)
     return 0
 
 

@@ -83,6 +83,8 @@ class ParallelConfig:
     ddp_bucket_size: Optional[int] = _f(None, "elements per gradient-reduction bucket (default 40M)")
     distributed_backend: Optional[str] = _f(None, "default: nccl with CUDA, else gloo", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout")
+    dry_run_world_size: Optional[int] = _f(None, "with --dry-run: the world size to plan for (default: "
+                                                 "$WORLD_SIZE, as torchrun sets it)", flag="--world-size")
 
 
 @dataclass
@@ -144,7 +146,12 @@ class TrainingConfig:
     eval_interval: Optional[int] = _f(1000, "evaluate every N iterations")
     eval_iters: int = _f(100, "batches per evaluation")
     early_stopping_patience: Optional[int] = _f(None, "stop after N evaluations without improvement")
+    check_for_spiky_loss: bool = _f(False, "stop (without saving) when the loss jumps above --spiky-loss-factor "
+                                           "× the largest of the last 100 losses", action="store_true")
+    spiky_loss_factor: float = _f(10.0, "how many times the recent maximum counts as a spike")
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available)", choices=["cpu", "cuda"])
+    dry_run: bool = _f(False, "build on the meta device, print the parallel layout and memory per rank, "
+                              "and exit (no process group, no data)", action="store_true")
 
 
 @dataclass
@@ -305,8 +312,10 @@ def _load_yaml(path: str) -> dict:
     return out
 
 
-def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
-    """Command line (+ YAML) -> validated Config. Raises ConfigError naming the flag."""
+def parse_args(argv=None, world_size: Optional[int] = None, check: bool = True) -> Config:
+    """Command line (+ YAML) -> validated Config. Raises ConfigError naming the flag.
+    check=False fills the derived fields but leaves validation to the caller (the run planner, which
+    validates each layout it tries)."""
     parser = build_parser()
     try:
         ns, unknown = parser.parse_known_args(argv)
@@ -322,11 +331,11 @@ def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
     cfg = Config()
     for (section, name), value in settings.items():
         setattr(getattr(cfg, section), name, value)
-    return finalize(cfg, world_size=world_size)
+    return finalize(cfg, world_size=world_size, check=check)
 
 
-def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
-    """Fill derived and style-dependent fields, then validate. Idempotent."""
+def finalize(cfg: Config, world_size: Optional[int] = None, check: bool = True) -> Config:
+    """Fill derived and style-dependent fields, then validate (unless check=False). Idempotent."""
     m, d = cfg.model, cfg.data
     for name, value in MODEL_STYLES[m.model_style].items():
         if getattr(m, name) is None:
@@ -341,11 +350,18 @@ def finalize(cfg: Config, world_size: Optional[int] = None) -> Config:
         m.num_query_groups = m.num_attention_heads
     elif m.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups")
+    if cfg.parallel.dry_run_world_size is not None:
+        if not cfg.training.dry_run:
+            raise ConfigError("--world-size is only for --dry-run (torchrun sets the world size of a real run)")
+        if cfg.parallel.dry_run_world_size < 1:
+            raise ConfigError("--world-size must be positive")
+        world_size = cfg.parallel.dry_run_world_size
     if world_size is None:
         import os
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.world_size = world_size
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -407,6 +423,7 @@ def validate(cfg: Config) -> None:
          "give --lr-warmup-iters or --lr-warmup-fraction, not both")
     need(t.early_stopping_patience is None or t.early_stopping_patience > 0,
          "--early-stopping-patience must be positive")
+    need(t.spiky_loss_factor > 0, "--spiky-loss-factor must be positive")
     need(t.early_stopping_patience is None or t.eval_interval,
          "--early-stopping-patience needs --eval-interval")
     c = cfg.checkpoint

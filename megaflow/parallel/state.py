@@ -10,6 +10,7 @@ Runs without a launcher too: one process, world size 1, no torch.distributed cal
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -98,6 +99,28 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     return state
 
 
+@contextlib.contextmanager
+def simulated(world_size: int, tp: int, pp: int, rank: int, device: str = "meta", virtual_pp: int = 1):
+    """The parallel state one rank of a layout would have, without process groups: for building that
+    rank's model on the meta device (--dry-run, the planner's checks). Restores the previous state."""
+    global _STATE
+    previous = _STATE
+    dp = world_size // (tp * pp)
+    st = ParallelState(world_size=world_size, rank=rank, tp_size=tp, pp_size=pp, dp_size=dp,
+                       tp_rank=rank % tp, dp_rank=(rank // tp) % dp, pp_rank=rank // (tp * dp),
+                       device=torch.device(device), virtual_pp_size=virtual_pp)
+    layout = layout_ranks(world_size, tp, pp)
+    for name, group_list in layout.items():
+        for ranks in group_list:
+            if rank in ranks:
+                st.groups[name], st.ranks[name] = None, ranks
+    _STATE = st
+    try:
+        yield st
+    finally:
+        _STATE = previous
+
+
 def get() -> ParallelState:
     """The current parallel state; a world-size-1 CPU state if initialize() was never called."""
     global _STATE
@@ -108,6 +131,8 @@ def get() -> ParallelState:
 
 def destroy() -> None:
     global _STATE
+    from megaflow.parallel import health
+    health.stop()
     if dist.is_initialized():
         # Gloo aborts a process that tears down while a peer still talks to it: meet first.
         dist.barrier()

@@ -18,7 +18,7 @@ from megaflow.model import build_model
 from megaflow.optim.loss_scaler import build_loss_scaler
 from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
-from megaflow.parallel import state
+from megaflow.parallel import health, state
 from megaflow.parallel.random import model_parallel_seed
 from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.training import logging as log
@@ -56,13 +56,21 @@ def reseed_value(seed: int, iteration: int) -> int:
     return (seed + 1_000_003 * iteration) % 2**31
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (decisions that need the last stage's loss)."""
+def _most_on_any_rank(value: int) -> int:
+    """The largest value any rank has (decisions that need the last stage's loss)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=state.get().device)
+        return value
+    t = torch.tensor([float(value)], device=state.get().device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any."""
+    return bool(_most_on_any_rank(int(flag)))
+
+
+NAN, SPIKE = 2, 1  # loss verdicts, worst first
 
 
 def _fresh_window() -> dict:
@@ -86,6 +94,7 @@ class _Trainer:
         self.st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                    backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
                                    device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg))
+        self.monitor = health.start(p.distributed_timeout_minutes)  # names lost ranks if a collective fails
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)
         set_vocab_size(cfg, self.tokenizer.vocab_size)
@@ -97,6 +106,7 @@ class _Trainer:
         self.scaler = build_loss_scaler(cfg)
         self.num_microbatches = num_microbatches(cfg)
         self.result = TrainResult()
+        self.recent_losses = []  # --check-for-spiky-loss history (the last stage's losses)
         log.print_rank_0(memory_report(self.model, self.optimizer))
         c = cfg.checkpoint
         self.writer = CheckpointWriter(c.save, c.async_save, c.keep_last_n_checkpoints,
@@ -179,9 +189,13 @@ class _Trainer:
             r.consumed_samples += t.global_batch_size
             if self.writer is not None:
                 self._published(self.writer.poll())  # an --async-save that finished meanwhile
+            if self.monitor is not None:
+                self.monitor.iteration(r.iteration)
             bad = step.loss is not None and not np.isfinite(step.loss)
-            if _any_rank(bad and not step.skipped):
-                raise TrainingError(self._nan_message())
+            spike = self._is_spike(step.loss) if not (bad or step.skipped) else False
+            verdict = _most_on_any_rank(NAN if bad and not step.skipped else SPIKE if spike else 0)
+            if verdict:  # stop before anything of this step is saved: the last checkpoint stays the good one
+                raise TrainingError(self._nan_message() if verdict == NAN else self._spike_message(step.loss))
             r.skipped_iterations += int(step.skipped)
             window["skipped"] += int(step.skipped)
             window["nan"] += int(bad)
@@ -263,6 +277,27 @@ class _Trainer:
         if path is not None:
             self.result.last_checkpoint = path
             log.print_rank_0(f"saved checkpoint to {path}")
+
+    def _is_spike(self, loss) -> bool:
+        """--check-for-spiky-loss: a loss above --spiky-loss-factor × the largest of the last 100 losses
+        (after 10 iterations of history). Losses that pass join the history."""
+        if loss is None:
+            return False
+        t = self.cfg.training
+        history = self.recent_losses
+        spike = bool(t.check_for_spiky_loss and len(history) >= 10 and loss > t.spiky_loss_factor * max(history))
+        if not spike:
+            history.append(loss)
+            del history[:-100]
+        return spike
+
+    def _spike_message(self, loss) -> str:
+        last = self.result.last_checkpoint
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+        return (f"loss spike at iteration {self.result.iteration}: {loss:.4g} > --spiky-loss-factor "
+                f"{self.cfg.training.spiky_loss_factor:g} × {max(self.recent_losses):.4g} (the largest of the last "
+                f"{len(self.recent_losses)} losses); stopping without saving ({kept}). Resume from it with a "
+                "lower --lr or more warmup, or skip the offending data.")
 
     def _nan_message(self) -> str:
         last = self.result.last_checkpoint

@@ -1,0 +1,284 @@
+"""Activation memory: the bytes autograd keeps for backward, per micro-batch and at a stage's peak.
+
+Derived from what the code saves (model/gpt.py, layers/, kernels/), op by op, for two kernel sets:
+"cpu" (the torch paths: F.layer_norm / F.rms_norm, F.scaled_dot_product_attention, torch SwiGLU and
+cross entropy; dropout keeps a noise tensor of its input's dtype) and "cuda" (the Triton kernels "auto"
+selects on GPUs: fused norms saving input + fp32 statistics, flash attention regenerating its dropout
+mask, SwiGLU saving its input, cross entropy saving the logits; torch's fused dropout keeps a 1-byte
+mask). The "cpu" set is checked against measurements (tests/unit/test_planner.py,
+tests/distributed/test_planner_layouts.py).
+
+Legend: t = s·b tokens of a micro-batch, ts = t/tp under sequence parallelism (else t), n and g the
+attention heads and query groups on a TP rank, d head dim, f ffn/tp, V' = padded vocabulary/tp,
+a = bytes of a GEMM output (2 with --bf16/--fp16, else 4), r = bytes of the residual stream (4 when
+--bf16/--fp16 is autocast over fp32 parameters, else a). Under autocast every F.linear also keeps the
+16-bit copy of its weight (2 bytes per element) and a 16-bit copy of an fp32 input.
+
+Per transformer layer:
+    norms (2)     LayerNorm: x r·ts·h + mean, rstd 4·ts each | RMSNorm cpu: x, x̂ r·ts·h each + rstd 4·ts
+                  (CPU autocast runs it in fp32: a 16-bit x is cast and x, x̂ are 4 bytes) | cuda: x + mean,
+                  rstd fp32
+    GEMM inputs   QKV and FC1: a·ts·h (under SP the layer keeps its local fp32/16-bit shard: r·ts·h);
+                  projection and FC2 inputs are the attention output and the MLP product below
+    attention     flash (cuda always; cpu without attention dropout): the QKV output a·t·(n+2g)·d (q, k,
+                  v are views of it), RoPE outputs a·t·(n+g)·d, the output a·t·n·d (the projection's input
+                  is a view of it), logsumexp 4·b·n·s
+                  math (cpu with attention dropout, fp32 inside): scaled q, k and v expanded to n heads
+                  3·4·t·n·d, probabilities, dropout noise and dropped probabilities 3·4·b·n·s², and the
+                  projection's input a·t·n·d
+    dropout (2)   on the projection / FC2 output (+ bias): cpu its dtype · ts·h, cuda ts·h
+    MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: [gate; up] 2·a·t·f + silu(gate) +
+                  product 2·a·t·f | cuda: [gate; up] + product 3·a·t·f
+Recompute: selective checkpoints core attention (its inputs q, k, v stay: the QKV output and the RoPE
+outputs); its internals come back during its backward. Full checkpoints chunks of layers: only each
+chunk's input stays; one chunk's activations come back during its backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megaflow.config import Config, num_microbatches, virtual_pipeline_size
+from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class Segment:
+    """A piece of a chunk's forward: `saved` bytes stay until its backward; during its backward
+    `extra` bytes more are alive (activations recomputed there)."""
+    name: str
+    saved: float
+    extra: float = 0.0
+    terms: dict = field(default_factory=dict)
+
+
+def _dims(cfg: Config):
+    m, p = cfg.model, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    s, b = cfg.data.seq_length, cfg.training.micro_batch_size
+    t = s * b
+    ts = t // tp if p.sequence_parallel else t
+    half = cfg.training.bf16 or cfg.training.fp16
+    autocast = half and not getattr(cfg.training, "low_precision_params", False)
+    a = 2 if half else 4
+    return dict(s=s, b=b, t=t, ts=ts, h=m.hidden_size, n=m.num_attention_heads // tp,
+                g=m.num_query_groups // tp, d=head_dim(cfg), f=m.ffn_hidden_size // tp, a=a,
+                r=4 if autocast else a, autocast=autocast, tp=tp, sp=p.sequence_parallel and tp > 1)
+
+
+def _norm_bytes(cfg: Config, device: str, D: dict) -> int:
+    """dtype size of what a norm keeps and outputs: CPU autocast runs RMSNorm in fp32 (its input is
+    cast, so the 16-bit residual is not what is kept); LayerNorm and the Triton norms keep the input's."""
+    half = cfg.training.bf16 or cfg.training.fp16
+    rms_cpu = device == "cpu" and cfg.model.normalization == "RMSNorm"
+    return 4 if (rms_cpu and half) else D["r"]
+
+
+def _norm(cfg: Config, device: str, D: dict) -> float:
+    ts, h = D["ts"], D["h"]
+    nb = _norm_bytes(cfg, device, D)
+    if cfg.model.normalization == "LayerNorm" or device == "cuda":
+        return nb * ts * h + 2 * 4 * ts
+    return 2 * nb * ts * h + 4 * ts
+
+
+def _column_input(cfg: Config, device: str, D: dict) -> float:
+    """What a column-parallel layer (QKV, FC1, output layer) keeps of its input, a norm output: its
+    16-bit cast, or under SP the local shard as the norm produced it."""
+    return (_norm_bytes(cfg, device, D) if D["sp"] else D["a"]) * D["ts"] * D["h"]
+
+
+def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
+    if p <= 0:
+        return 0.0
+    return (nbytes if device == "cpu" else 1) * D["ts"] * D["h"]
+
+
+def weight_copies(cfg: Config, D: dict) -> dict:
+    """Autocast over fp32 parameters: each F.linear keeps the 16-bit copy of its weight. The sequence-
+    parallel column layer casts inside its own autograd Function and keeps only the fp32 parameter."""
+    if not D["autocast"]:
+        return {}
+    m, tp, h = cfg.model, D["tp"], D["h"]
+    d, f = D["d"], m.ffn_hidden_size
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    qkv, fc1 = (q + 2 * kv) // tp * h, f * (2 if m.swiglu else 1) // tp * h
+    row = h * (q // tp) + h * (f // tp)
+    return {"qkv weight copy": 0 if D["sp"] else 2 * qkv,
+            "other weight copies": 2 * (row + (0 if D["sp"] else fc1))}
+
+
+def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict, float]:
+    """Saved bytes of the attention between the QKV linear and the projection, and the extra bytes its
+    selective recompute brings back during backward."""
+    a, t, s, b, n, g, d = D["a"], D["t"], D["s"], D["b"], D["n"], D["g"], D["d"]
+    qkv = a * t * (n + 2 * g) * d
+    rope = tables = 0.0
+    if cfg.model.position_embedding_type == "rope":
+        rope = a * t * (n + g) * d
+        if device == "cpu" and a != 4:  # the torch path casts the fp32 tables to q's dtype, for q and k
+            tables = 4 * a * s * d
+    out = a * t * n * d
+    lse = 4 * b * n * s
+    math = device == "cpu" and cfg.model.attention_dropout > 0
+    internals = (3 * 4 * t * n * d + 3 * 4 * b * n * s * s) if math else out + lse
+    if selective:  # checkpoint(core, q, k, v): q, k, v kept; the projection keeps the output
+        return {"qkv output": qkv, "rope outputs": rope + tables, "attention output": out}, internals
+    if math:
+        return {"rope tables": tables, "attention math": internals, "projection input": out}, 0.0
+    return {"qkv output": qkv, "rope outputs": rope + tables, "attention output": out, "logsumexp": lse}, 0.0
+
+
+def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
+    """(saved bytes by name, recompute extra) of one transformer layer for one micro-batch."""
+    m = cfg.model
+    D = _dims(cfg)
+    a, t, f = D["a"], D["t"], D["f"]
+    selective = m.recompute_granularity == "selective"
+    attn, extra = _attention(cfg, device, D, selective)
+    if m.swiglu:
+        mlp = (4 if device == "cpu" else 3) * a * t * f
+    else:
+        mlp = 2 * a * t * f
+    # The residual branch's output: 16-bit GEMM output, promoted to fp32 by an fp32 bias under autocast.
+    branch = D["r"] if (D["autocast"] and m.add_bias_linear) else a
+    terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(cfg, device, D), **attn,
+             "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
+             "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(cfg, device, D), "mlp": mlp,
+             "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D)}
+    return {k: v for k, v in terms.items() if v}, extra
+
+
+def rope_tables(cfg: Config, device: str = "cpu") -> float:
+    """Each attention module caches fp32 cos/sin tables [s, d]; the RoPE of an fp32 q (or the Triton
+    kernel) saves them: once per layer, not per micro-batch."""
+    if cfg.model.position_embedding_type != "rope":
+        return 0.0
+    if device == "cpu" and (cfg.training.bf16 or cfg.training.fp16):
+        return 0.0  # the 16-bit copies are saved instead (per micro-batch, in the layer's terms)
+    return 2 * 4 * cfg.data.seq_length * head_dim(cfg)
+
+
+def embedding_terms(cfg: Config, device: str = "cpu") -> dict:
+    D = _dims(cfg)
+    t = D["t"]
+    terms = {"token ids": 8 * t if D["tp"] == 1 else 8 * t + t}  # TP: local ids + out-of-range mask
+    if cfg.model.position_embedding_type == "learned_absolute":
+        terms["position ids"] = 8 * t
+    terms["embedding dropout mask"] = _dropout(cfg.model.hidden_dropout, device, D, D["r"])
+    return {k: v for k, v in terms.items() if v}
+
+
+def head_terms(cfg: Config, device: str = "cpu") -> dict:
+    D = _dims(cfg)
+    a, t, h, tp = D["a"], D["t"], D["h"], D["tp"]
+    v = cfg.padded_vocab_size // tp
+    if tp > 1:  # vocab-parallel cross entropy: fp32 softmax, local targets, out-of-range mask
+        loss = 4 * t * v + 8 * t + t
+    elif device == "cpu":  # F.cross_entropy: fp32 log-softmax, flattened labels
+        loss = 4 * t * v + 8 * t
+    else:  # Triton cross entropy: the logits, labels, fp32 logsumexp
+        loss = a * t * v + 8 * t + 4 * t
+    copy = 2 * v * h if (D["autocast"] and not D["sp"]) else 0
+    terms = {"final norm": _norm(cfg, device, D), "output layer input": _column_input(cfg, device, D), "cross entropy": loss,
+             "loss mask": 4 * t, "autocast weight copy": copy}
+    return {k: val for k, val in terms.items() if val}
+
+
+# Terms of a layer still alive when its backward reaches core attention.
+ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables", "qkv weight copy")
+
+
+def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -> list[Segment]:
+    """The segments of chunk v of stage pp_rank for one micro-batch, in forward order."""
+    m = cfg.model
+    D = _dims(cfg)
+    pre, post = chunk_flags(cfg, pp_rank, v)
+    n_layers = len(stage_layer_numbers(cfg, pp_rank, v))
+    segs = []
+    if pre:
+        terms = embedding_terms(cfg, device)
+        segs.append(Segment("embedding", sum(terms.values()), terms=terms))
+    terms, core_extra = layer_terms(cfg, device)
+    layer = sum(terms.values())
+    x = D["r"] * D["ts"] * D["h"]  # a layer's (or a checkpointed chunk's) input
+    # A recomputed layer's first norm keeps that same input, unless it first casts it (CPU RMSNorm of a
+    # 16-bit residual): then the recompute's copy is new memory.
+    shared = x if _norm_bytes(cfg, device, D) == D["r"] else 0.0
+    rope = rope_tables(cfg, device)  # seen by autograd only when the layer is not checkpointed whole
+    if m.recompute_granularity == "full":
+        k = m.recompute_num_layers or 1
+        if (m.recompute_method or "uniform") == "uniform":
+            for start in range(0, n_layers, k):
+                size = min(k, n_layers - start)
+                segs.append(Segment(f"layers {start}-{start + size - 1} (recomputed)", x,
+                                    extra=size * (layer + rope) - shared, terms={"chunk input": x}))
+        else:  # block: the first k layers checkpointed one by one, the rest kept
+            for i in range(n_layers):
+                if i < k:
+                    segs.append(Segment(f"layer {i} (recomputed)", x, extra=layer + rope - shared,
+                                        terms={"input": x}))
+                else:
+                    segs.append(Segment(f"layer {i}", layer, terms=terms))
+    else:
+        # A layer's backward reaches core attention after the MLP and the projection have freed theirs:
+        # only the front of the layer is still there when selective recompute brings the core back.
+        front = {k: v for k, v in terms.items() if k in ATTENTION_FRONT}
+        back = {k: v for k, v in terms.items() if k not in ATTENTION_FRONT}
+        for i in range(n_layers):
+            segs.append(Segment(f"layer {i} up to core attention", sum(front.values()), extra=core_extra,
+                                terms=front))
+            segs.append(Segment(f"layer {i} from the projection on", sum(back.values()), terms=back))
+    if post:
+        terms = head_terms(cfg, device)
+        segs.append(Segment("output", sum(terms.values()), terms=terms))
+    return segs
+
+
+def chunk_peak(segs: list[Segment]) -> tuple[float, float]:
+    """(bytes kept after the forward, peak while its backward runs last-to-first segment)."""
+    total = sum(s.saved for s in segs)
+    peak, prefix = total, 0.0
+    prefixes = []
+    for s in segs:
+        prefix += s.saved
+        prefixes.append(prefix)
+    for s, pre in zip(segs, prefixes):
+        peak = max(peak, pre + s.extra)
+    return total, peak
+
+
+def stage_activation_bytes(cfg: Config, pp_rank: int, device: str = "cpu") -> dict:
+    """Peak activation bytes of a pipeline stage over one step of its schedule (1F1B, interleaved, or
+    plain gradient accumulation), walking the schedule's own step order."""
+    from megaflow.pipeline.plan import BACKWARD, step_order
+    pp, vs = cfg.parallel.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
+    chunks = [chunk_segments(cfg, pp_rank, v, device) for v in range(vs)]
+    kept = [chunk_peak(segs) for segs in chunks]
+    live, peak, alive, most_alive = 0.0, 0.0, 0, 0
+    # After 2·PP micro-batches the schedule only repeats its steady state: walk no further.
+    mbs = num_microbatches(cfg)
+    for step in step_order(pp_rank, pp, mbs if mbs <= 2 * pp else 2 * pp, vs):
+        total, during_backward = kept[step.chunk]
+        if step.op == BACKWARD:
+            peak = max(peak, live - total + during_backward)
+            live -= total
+            alive -= 1
+        else:
+            live += total
+            alive += 1
+            peak = max(peak, live)
+            most_alive = max(most_alive, alive)
+    # RoPE tables are cached per attention module: counted once, and inside the regions a full
+    # recompute checkpoints (where they are only seen while that region's backward runs).
+    m = cfg.model
+    kept_layers = sum(len(stage_layer_numbers(cfg, pp_rank, v)) for v in range(vs))
+    if m.recompute_granularity == "full":
+        whole = (m.recompute_method or "uniform") == "uniform"
+        kept_layers = 0 if whole else sum(max(0, len(stage_layer_numbers(cfg, pp_rank, v))
+                                              - (m.recompute_num_layers or 1)) for v in range(vs))
+    fixed = rope_tables(cfg, device) * kept_layers
+    return {"peak": peak + fixed, "per_microbatch": sum(k[0] for k in kept), "in_flight": most_alive,
+            "single_microbatch_peak": max(k[1] for k in kept) if vs == 1 else None,
+            "segments": chunks}

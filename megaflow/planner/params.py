@@ -1,0 +1,113 @@
+"""Parameters per rank, counted from the configuration alone (no model is built).
+
+`stage_parameters(cfg, pp_rank, v)` lists, for model chunk v of pipeline stage pp_rank, every trainable
+parameter one tensor-parallel rank holds, in the order GPTModel registers them (the order the gradient
+buffers are laid out in), with the attributes the buffers care about. It mirrors model/gpt.py and
+layers/: the dry run cross-checks it against a model built on the meta device, and the tests against
+real models, name by name.
+
+Symbols: h hidden, nq/ng attention heads/query groups, d head dim, f ffn, V padded vocabulary, tp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megaflow.config import Config, virtual_pipeline_size
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str                      # the local name in the chunk (model.named_parameters())
+    numel: int                     # elements on one TP rank
+    shared_embedding: bool = False  # the tied embedding, split between the first and last stage
+
+
+def head_dim(cfg: Config) -> int:
+    m = cfg.model
+    return m.kv_channels or m.hidden_size // m.num_attention_heads
+
+
+def stage_layer_numbers(cfg: Config, pp_rank: int, v: int = 0) -> list[int]:
+    from megaflow.model.gpt import stage_layer_numbers as layers_of  # pure function of the config
+    return layers_of(cfg, pp_rank, cfg.parallel.pipeline_model_parallel_size, v)
+
+
+def chunk_flags(cfg: Config, pp_rank: int, v: int) -> tuple[bool, bool]:
+    """(pre_process, post_process) of chunk v on stage pp_rank, as model/__init__.build_model sets them."""
+    pp, vs = cfg.parallel.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
+    return pp_rank == 0 and v == 0, pp_rank == pp - 1 and v == vs - 1
+
+
+def _norm(prefix: str, cfg: Config) -> list[Param]:
+    h = cfg.model.hidden_size
+    out = [Param(prefix + ".weight", h)]
+    if cfg.model.normalization == "LayerNorm":
+        out.append(Param(prefix + ".bias", h))
+    return out
+
+
+def layer_parameters(cfg: Config, index: int) -> list[Param]:
+    """One transformer layer's parameters on a TP rank; `index` is its position in the chunk."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h, d, f = m.hidden_size, head_dim(cfg), m.ffn_hidden_size
+    q, kv = m.num_attention_heads * d, m.num_query_groups * d
+    fc1 = f * (2 if m.swiglu else 1)
+    bias = m.add_bias_linear
+    p = f"layers.{index}."
+    out = _norm(p + "input_norm", cfg)
+    out.append(Param(p + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h))
+    if bias:
+        out.append(Param(p + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp))
+    out.append(Param(p + "self_attention.linear_proj.weight", h * (q // tp)))
+    if bias:
+        out.append(Param(p + "self_attention.linear_proj.bias", h))
+    out += _norm(p + "pre_mlp_norm", cfg)
+    out.append(Param(p + "mlp.linear_fc1.weight", fc1 // tp * h))
+    if bias:
+        out.append(Param(p + "mlp.linear_fc1.bias", fc1 // tp))
+    out.append(Param(p + "mlp.linear_fc2.weight", h * (f // tp)))
+    if bias:
+        out.append(Param(p + "mlp.linear_fc2.bias", h))
+    return out
+
+
+def stage_parameters(cfg: Config, pp_rank: int, v: int = 0) -> list[Param]:
+    """Chunk v of stage pp_rank, registration order (embeddings, layers, final norm, output layer)."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h, vocab = m.hidden_size, cfg.padded_vocab_size
+    if vocab is None:
+        raise ValueError("padded_vocab_size is unknown: call config.set_vocab_size first")
+    pre, post = chunk_flags(cfg, pp_rank, v)
+    tied = not m.untie_embeddings_and_output_weights
+    out = []
+    if pre:
+        out.append(Param("word_embeddings.weight", vocab // tp * h, shared_embedding=tied and not post))
+        if m.position_embedding_type == "learned_absolute":
+            out.append(Param("position_embeddings.weight", m.max_position_embeddings * h))
+    for i, _ in enumerate(stage_layer_numbers(cfg, pp_rank, v)):
+        out += layer_parameters(cfg, i)
+    if post:
+        out += _norm("final_norm", cfg)
+        if not (tied and pre):
+            out.append(Param("output_layer.weight", vocab // tp * h, shared_embedding=tied))
+    return out
+
+
+def rank_parameters(cfg: Config, pp_rank: int) -> list[list[Param]]:
+    """Every model chunk of a pipeline stage (one list per chunk)."""
+    return [stage_parameters(cfg, pp_rank, v) for v in range(virtual_pipeline_size(cfg))]
+
+
+def total_parameters(cfg: Config) -> int:
+    """Distinct parameters of the whole model (the tied embedding once, TP shards summed)."""
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    total = 0
+    for rank in range(pp):
+        for chunk in rank_parameters(cfg, rank):
+            for p in chunk:
+                if p.name == "output_layer.weight" and p.shared_embedding:
+                    continue  # the last stage's copy of the tied embedding
+                replicated = p.name.endswith(("norm.weight", "norm.bias", "proj.bias", "fc2.bias")) \
+                    or p.name == "position_embeddings.weight"
+                total += p.numel * (1 if replicated else tp)
+    return total
