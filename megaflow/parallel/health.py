@@ -49,7 +49,11 @@ class Monitor:
         self.store.set(f"{_PREFIX}iteration/{self.rank}", str(it))
 
     def stop(self) -> None:
+        # Join, not just signal: a heartbeat thread still inside the store client when the process group
+        # (and its store) is torn down, or when the interpreter exits, aborts the process.
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     def _counters(self) -> list[int]:
         return [self.store.add(f"{_PREFIX}heartbeat/{r}", 0) for r in range(self.world_size)]
@@ -113,6 +117,7 @@ class Monitor:
 def start(timeout_minutes: float) -> Monitor | None:
     """Start the heartbeat on this rank (a no-op without a process group)."""
     global _monitor
+    stop()  # one heartbeat per process, even when a process trains several runs in turn
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     from torch.distributed import distributed_c10d
