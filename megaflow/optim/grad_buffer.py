@@ -58,18 +58,20 @@ class Bucket:
         return rank * n, (rank + 1) * n
 
 
-def _bucket_params(params: list, bucket_size: int):
-    """Group parameters (already in backward order) into buckets; a shared embedding sits alone."""
+def bucket_params(params: list, bucket_size: int, numel=lambda p: p.numel(),
+                  shared_embedding=lambda p: getattr(p, "shared_embedding", False)):
+    """Group parameters (already in backward order) into buckets; a shared embedding sits alone.
+    The planner (megaflow/planner/memory.py) groups its parameter descriptions with the same rule."""
     buckets, current, current_numel = [], [], 0
     for p in params:
-        if getattr(p, "shared_embedding", False):
+        if shared_embedding(p):
             if current:
                 buckets.append(current)
             buckets.append([p])
             current, current_numel = [], 0
             continue
         current.append(p)
-        current_numel += p.numel()
+        current_numel += numel(p)
         if current_numel >= bucket_size:
             buckets.append(current)
             current, current_numel = [], 0
@@ -91,7 +93,7 @@ class GradBuffer:
         self.param_dtype = params[0].dtype
         device = params[0].device
         self.buckets, start = [], 0
-        for i, group in enumerate(_bucket_params(list(reversed(params)), bucket_size)):
+        for i, group in enumerate(bucket_params(list(reversed(params)), bucket_size)):
             offsets, n = {}, 0
             for p in group:
                 offsets[p] = (n, n + p.numel())

@@ -15,28 +15,14 @@ plus bucket padding (< d elements per bucket) and the step scalars.
 from __future__ import annotations
 
 from megaflow.config import Config
+from megaflow.optim.grad_buffer import DEFAULT_BUCKET_SIZE, bucket_params
 from megaflow.planner.params import Param, rank_parameters
-
-DEFAULT_BUCKET_SIZE = 40_000_000  # optim/grad_buffer.py (Megatron-LM's default)
 
 
 def buckets(params: list[Param], bucket_size: int, dp: int) -> list[tuple[list[tuple[Param, int, int]], int]]:
     """[(members (param, start, end) inside the bucket, padded size)], in buffer order."""
-    groups, current, numel = [], [], 0
-    for p in reversed(params):
-        if p.shared_embedding:
-            if current:
-                groups.append(current)
-            groups.append([p])
-            current, numel = [], 0
-            continue
-        current.append(p)
-        numel += p.numel
-        if numel >= bucket_size:
-            groups.append(current)
-            current, numel = [], 0
-    if current:
-        groups.append(current)
+    groups = bucket_params(list(reversed(params)), bucket_size, numel=lambda p: p.numel,
+                           shared_embedding=lambda p: p.shared_embedding)
     out = []
     for group in groups:
         members, n = [], 0
