@@ -59,3 +59,11 @@ def run(args) -> dict:
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
             "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],
             "rank": state.get().rank, "dp_size": state.get().dp_size}
+
+
+def reference(args) -> dict:
+    """The same run in this (pytest) process, world size 1: what every layout is compared with."""
+    try:
+        return run(args)
+    finally:
+        state.destroy()

@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-from megaflow.parallel import state
-from tests.distributed.runs import GPT2, LLAMA, run
+from tests.distributed.runs import GPT2, LLAMA, reference
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -25,13 +24,6 @@ CONFIGS = {
     "zero2_sp_interleaved": LLAMA + GRID + ZERO + SP + INTERLEAVED,
     "gpt2_zero2_sp": GPT2 + GRID + ZERO + SP,
 }
-
-
-def reference(args):
-    try:
-        return run(args)
-    finally:
-        state.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from megaflow.parallel import state
-from tests.distributed.runs import GPT2, LLAMA, run
+from tests.distributed.runs import GPT2, LLAMA, reference
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -39,13 +38,6 @@ def configs(ckpt):
         "zero2_resume": LLAMA + ZERO + ["--overlap-grad-reduce", "--overlap-param-gather"] + SMALL_BUCKETS
         + ["--load", ckpt],
     }
-
-
-def reference(args):
-    try:
-        return run(args)
-    finally:
-        state.destroy()
 
 
 @pytest.fixture(scope="module")
