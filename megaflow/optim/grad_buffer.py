@@ -223,18 +223,8 @@ class GradSync:
                         yield p, b, lo - p_lo, hi - p_lo
 
     def _reduce_shared_and_sequence_parallel(self) -> None:
-        st = state.get()
-        sharded = self.reduce_scatter
-        shared, sp = [], []
-        for p, _b, lo, hi in self.owned_pieces(sharded):
-            if getattr(p, "shared_embedding", False):
-                shared.append(p.main_grad.view(-1)[lo:hi])
-            if getattr(p, "sequence_parallel", False):
-                sp.append(p.main_grad.view(-1)[lo:hi])
-        if st.pp_size > 1 and len(st.ranks.get("embedding", [])) > 1:
-            all_reduce_coalesced(shared, st.groups["embedding"])
-        if st.tp_size > 1:
-            all_reduce_coalesced(sp, st.groups["tp"])
+        sum_replicated_grads([(p, p.main_grad.view(-1)[lo:hi])
+                              for p, _b, lo, hi in self.owned_pieces(self.reduce_scatter)])
 
     # -- parameters (ZeRO) ---------------------------------------------------------------------
     def start_param_sync(self) -> None:
@@ -279,6 +269,18 @@ class GradSync:
 
     def grad_bytes(self) -> int:
         return sum(buf.grad_data.numel() * buf.grad_data.element_size() for buf in self.buffers)
+
+
+def sum_replicated_grads(pieces) -> None:
+    """pieces: (param, its gradient or a part of it). Sums the tied-embedding copies' gradients between
+    the first and last stage, and over TP the gradients of TP-replicated params that saw only this
+    rank's tokens (sequence parallelism)."""
+    st = state.get()
+    if st.pp_size > 1 and len(st.ranks.get("embedding", [])) > 1:
+        all_reduce_coalesced([g for p, g in pieces if getattr(p, "shared_embedding", False)],
+                             st.groups["embedding"])
+    if st.tp_size > 1:
+        all_reduce_coalesced([g for p, g in pieces if getattr(p, "sequence_parallel", False)], st.groups["tp"])
 
 
 def all_reduce_coalesced(tensors, group, op=dist.ReduceOp.SUM) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaflow.optim.grad_buffer import all_reduce_coalesced
+from megaflow.optim.grad_buffer import all_reduce_coalesced, sum_replicated_grads
 from megaflow.parallel import state
 
 
@@ -39,12 +39,7 @@ def finalize_gradients(params) -> None:
         for g in grads:
             g.div_(st.dp_size)
         all_reduce_coalesced(grads, st.groups["dp"])
-    if st.pp_size > 1 and len(st.ranks.get("embedding", [])) > 1:
-        shared = [p.grad for p in params if p.grad is not None and getattr(p, "shared_embedding", False)]
-        all_reduce_coalesced(shared, st.groups["embedding"])
-    if st.tp_size > 1:
-        sp = [p.grad for p in params if p.grad is not None and getattr(p, "sequence_parallel", False)]
-        all_reduce_coalesced(sp, st.groups["tp"])
+    sum_replicated_grads([(p, p.grad) for p in params if p.grad is not None])
 
 
 def counts_towards_norm(param) -> bool:
