@@ -90,21 +90,20 @@ def bench_elementwise(rows, hidden, heads, head_dim, seq, vocab):
     b = max(1, rows // seq)
     x = torch.randn(b, heads, seq, head_dim, device="cuda", dtype=DTYPE, requires_grad=True)
     cos, sin = rotary_cos_sin(seq, head_dim, device="cuda")
-    g = torch.randn(rows, 2 * hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    gate, up = (torch.randn(rows, hidden, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(2))
     logits = torch.randn(rows, vocab, device="cuda", dtype=DTYPE, requires_grad=True)
     labels = torch.randint(0, vocab, (rows,), device="cuda")
     cases = [  # name, shape, bytes moved fwd+bwd, inputs, fn(backend)
-        ("rope fwd+bwd", f"b{b} h{heads} s{seq} d{head_dim}", 4 * x.numel() * x.element_size(), x,
+        ("rope fwd+bwd", f"b{b} h{heads} s{seq} d{head_dim}", 4 * x.numel() * x.element_size(), [x],
          lambda be: fwd_bwd(lambda t: apply_rotary(t, cos, sin, backend=be), (x,), torch.randn_like(x))),
-        ("swiglu fwd+bwd", f"{rows}x{2 * hidden}", 3 * g.numel() * g.element_size(), g,
-         lambda be: fwd_bwd(lambda t: swiglu(t, backend=be), (g,), torch.randn(rows, hidden, device="cuda",
-                                                                            dtype=DTYPE))),
-        ("cross_entropy fwd+bwd", f"{rows}x{vocab}", 3 * logits.numel() * logits.element_size(), logits,
+        ("swiglu fwd+bwd", f"2x{rows}x{hidden}", 8 * gate.numel() * gate.element_size(), [gate, up],
+         lambda be: fwd_bwd(lambda g, u: swiglu(g, u, backend=be), (gate, up), torch.randn_like(gate))),
+        ("cross_entropy fwd+bwd", f"{rows}x{vocab}", 3 * logits.numel() * logits.element_size(), [logits],
          lambda be: fwd_bwd(lambda t: cross_entropy(t, labels, backend=be).mean(), (logits,),
                             torch.ones((), device="cuda"))),
     ]
-    for name, shape, moved, t, make in cases:
-        row(name, shape, "GB/s", {be: moved / bench(make(be), [t]) / 1e6 for be in ("triton", "torch")})
+    for name, shape, moved, leaves, make in cases:
+        row(name, shape, "GB/s", {be: moved / bench(make(be), leaves) / 1e6 for be in ("triton", "torch")})
 
 
 def main(argv=None) -> int:

@@ -14,50 +14,52 @@ from megaflow.parallel import state
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """One fp32 [tokens, vocab/tp] buffer: the shifted logits, exponentiated in place once the target
+    logit is picked, and turned into the gradient in place by the backward (the softmax's division
+    by the sum is folded into that one pass)."""
+
     @staticmethod
     def forward(ctx, logits, target, label_smoothing):
         st = state.get()
         group = st.groups.get("tp")
-        logits = logits.float()
         vocab_local = logits.shape[-1]
         start = st.tp_rank * vocab_local
-        logits_max = logits.max(dim=-1).values
+        logits_max = logits.detach().amax(dim=-1).float()
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)
+        shifted = logits - logits_max.unsqueeze(-1)          # fp32 (promoted), the one buffer
 
         outside = (target < start) | (target >= start + vocab_local)
         local_target = (target - start).masked_fill(outside, 0)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
         dist.all_reduce(target_logit, group=group)
 
-        exp = shifted.exp()
+        vocab_size = vocab_local * st.tp_size
+        sum_shifted = shifted.sum(dim=-1) if label_smoothing > 0 else None
+        exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         dist.all_reduce(sum_exp, group=group)
         loss = sum_exp.log() - target_logit
-
-        vocab_size = vocab_local * st.tp_size
         if label_smoothing > 0:
             # Smoothed loss = (1-e)·nll + e·mean_v(-log p_v); mean over the full vocabulary.
-            sum_shifted = shifted.sum(dim=-1)
             dist.all_reduce(sum_shifted, group=group)
             mean_log_prob = sum_shifted / vocab_size - sum_exp.log()
             loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_prob
 
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside)
-        ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
+        ctx.save_for_backward(exp, sum_exp, local_target, outside)
+        ctx.label_smoothing, ctx.vocab_size, ctx.logits_dtype = label_smoothing, vocab_size, logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local_target, outside = ctx.saved_tensors
+        exp, sum_exp, local_target, outside = ctx.saved_tensors
         eps = ctx.label_smoothing
-        grad = softmax  # reused in place: softmax - (1-eps)·onehot - eps/V
-        onehot_weight = (~outside).float() * (1.0 - eps)
+        g = grad_loss.float()
+        grad = exp.mul_((g / sum_exp).unsqueeze(-1))  # in place: g·(softmax - (1-eps)·onehot - eps/V)
+        onehot_weight = (~outside).float() * (1.0 - eps) * g
         grad.scatter_add_(-1, local_target.unsqueeze(-1), -onehot_weight.unsqueeze(-1))
         if eps > 0:
-            grad.sub_(eps / ctx.vocab_size)
-        return grad * grad_loss.unsqueeze(-1), None, None
+            grad.sub_((g * (eps / ctx.vocab_size)).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def vocab_parallel_cross_entropy(logits, target, label_smoothing: float = 0.0, backend: str = "auto"):

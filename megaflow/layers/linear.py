@@ -28,14 +28,23 @@ def _empty(*shape):
 
 
 class ColumnParallelLinear(nn.Module):
+    """fused_sizes: full sizes of blocks stacked along the output ([Q, K, V] rows, [gate, up]), each
+    split across TP on its own (layers/sharding.py). With separate_blocks the forward returns this
+    rank's part of each block as its own tensor, each from its own matmul: the outputs are contiguous
+    (split views of one output are strided for the ops that follow) and backward writes each block's
+    weight gradient into its rows instead of concatenating the blocks' gradients first."""
+
     def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False,
                  sequence_parallel: bool = False, fused_sizes: Optional[Sequence[int]] = None,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, separate_blocks: bool = False):
         super().__init__()
         tp = state.get().tp_size
         if output_size % tp:
             raise ValueError(f"output size {output_size} not divisible by TP size {tp}")
+        if separate_blocks and (gather_output or not fused_sizes):
+            raise ValueError("separate_blocks needs fused_sizes and gather_output=False")
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.block_sizes = tuple(size // tp for size in fused_sizes) if separate_blocks else None
         self.weight = _empty(output_size // tp, input_size)
         self.weight.init_std = init_std
         mark_tensor_parallel(self.weight, 0, fused_sizes)
@@ -45,45 +54,74 @@ class ColumnParallelLinear(nn.Module):
             mark_tensor_parallel(self.bias, 0, fused_sizes)
 
     def forward(self, x):
-        return column_parallel_matmul(x, self.weight, self.bias, self.sequence_parallel, self.gather_output)
+        if self.block_sizes is None:
+            return column_parallel_matmul(x, self.weight, self.bias, self.sequence_parallel, self.gather_output)
+        sp = self.sequence_parallel and state.get().tp_size > 1
+        if not sp:
+            x = mappings.copy_to_tensor_parallel_region(x)
+        return _BlockLinear.apply(x, self.weight, self.bias, self.block_sizes, sp)
 
 
 def column_parallel_matmul(x, weight, bias=None, sequence_parallel=False, gather_output=False):
     """x @ weight.T with weight [out/tp, in] split by output columns; also used by a tied output
     layer, whose weight is the word-embedding table."""
     if sequence_parallel and state.get().tp_size > 1:
-        y = _SequenceParallelLinear.apply(x, weight, bias)
+        (y,) = _BlockLinear.apply(x, weight, bias, (weight.shape[0],), True)
     else:
         y = F.linear(mappings.copy_to_tensor_parallel_region(x), weight, bias)
     return mappings.gather_from_tensor_parallel_region(y) if gather_output else y
 
 
-class _SequenceParallelLinear(torch.autograd.Function):
-    """all-gather(x along the sequence) @ weight.T + bias, saving only the local x shard.
+class _BlockLinear(torch.autograd.Function):
+    """x @ W_i.T + b_i for consecutive row blocks W_i of weight (sizes), one output per block. With
+    sequence_parallel, x is this rank's sequence shard and is all-gathered first.
 
-    Backward: re-gather x (async, overlapped with grad_x = g @ W), reduce-scatter grad_x along the
-    sequence (async, overlapped with grad_W = g^T x_full). Under autocast the forward matmul ran in
-    the autocast dtype; backward computes in the dtype of the incoming gradient.
+    Under sequence parallelism only the local x shard is saved for backward, which re-gathers it
+    (async, overlapped with grad_x = sum_i g_i W_i) and reduce-scatters grad_x along the sequence
+    (async, overlapped with the weight gradient). The weight gradient is one tensor whose row blocks
+    are written by one matmul each. Under autocast the forward matmuls ran in the autocast dtype;
+    backward computes in the dtype of the incoming gradients.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, sizes, sequence_parallel):
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.linear(mappings.all_gather_sequence(x), weight, bias)
+        ctx.sizes, ctx.sequence_parallel, ctx.has_bias = sizes, sequence_parallel, bias is not None
+        x_full = mappings.all_gather_sequence(x) if sequence_parallel else x
+        biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+        return tuple(F.linear(x_full, w, b) for w, b in zip(weight.split(sizes), biases))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *grads):
         x, weight = ctx.saved_tensors
-        x_full, gather = mappings.all_gather_sequence(x, async_op=True)
-        grad_x_full = g.matmul(weight.to(g.dtype))
-        gather.wait()
-        grad_x, scatter = mappings.reduce_scatter_sequence(grad_x_full, async_op=True)
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_w = g2.t().matmul(x_full.reshape(-1, x_full.shape[-1]).to(g.dtype))
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        scatter.wait()
-        return grad_x, grad_w, grad_b
+        dtype = grads[0].dtype
+        if ctx.sequence_parallel:
+            x_full, gather = mappings.all_gather_sequence(x, async_op=True)
+        else:
+            x_full, gather = x, None
+        g2s = [g.reshape(-1, g.shape[-1]) for g in grads]
+        w_blocks = weight.to(dtype).split(ctx.sizes)
+        grad_x2 = g2s[0].mm(w_blocks[0])
+        for g2, w in zip(g2s[1:], w_blocks[1:]):
+            grad_x2.addmm_(g2, w)
+        grad_x_full = grad_x2.view(*grads[0].shape[:-1], weight.shape[1])
+        scatter = None
+        if gather is not None:
+            gather.wait()
+            grad_x, scatter = mappings.reduce_scatter_sequence(grad_x_full, async_op=True)
+        else:
+            grad_x = grad_x_full
+        x2 = x_full.reshape(-1, x_full.shape[-1]).to(dtype)
+        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        grad_b = torch.empty(weight.shape[0], dtype=dtype, device=weight.device) if ctx.has_bias else None
+        for g2, w_rows, b_rows in zip(g2s, grad_w.split(ctx.sizes),
+                                      grad_b.split(ctx.sizes) if ctx.has_bias else [None] * len(g2s)):
+            torch.mm(g2.t(), x2, out=w_rows)
+            if b_rows is not None:
+                torch.sum(g2, 0, out=b_rows)
+        if scatter is not None:
+            scatter.wait()
+        return grad_x, grad_w, grad_b, None, None
 
 
 class RowParallelLinear(nn.Module):

@@ -45,7 +45,7 @@ class SelfAttention(nn.Module):
         # Fused [Q; K; V] projection; each block is split across TP on its own (layers/sharding.py).
         self.linear_qkv = ColumnParallelLinear(m.hidden_size, q_size + 2 * kv_size, bias=m.add_bias_linear,
                                                sequence_parallel=sp, fused_sizes=[q_size, kv_size, kv_size],
-                                               init_std=m.init_method_std)
+                                               init_std=m.init_method_std, separate_blocks=True)
         self.linear_proj = RowParallelLinear(q_size, m.hidden_size, bias=m.add_bias_linear,
                                              sequence_parallel=sp, init_std=output_std)
         self.rope = m.position_embedding_type == "rope"
@@ -70,10 +70,8 @@ class SelfAttention(nn.Module):
                              backend=self.backend)
 
     def forward(self, x_sbh, inference_cache=None):
-        qkv = self.linear_qkv(x_sbh)                                   # [s, b, (n + 2g)·d]
-        s, b = qkv.shape[:2]
-        q, k, v = qkv.split([self.n_local * self.head_dim, self.g_local * self.head_dim,
-                             self.g_local * self.head_dim], dim=-1)
+        q, k, v = self.linear_qkv(x_sbh)                               # [s, b, n·d], [s, b, g·d] x2
+        s, b = q.shape[:2]
         q_bnsd = q.reshape(s, b, self.n_local, self.head_dim).permute(1, 2, 0, 3)
         k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
@@ -104,14 +102,17 @@ class MLP(nn.Module):
         fc1_sizes = [m.ffn_hidden_size, m.ffn_hidden_size] if m.swiglu else None  # [gate; up]
         self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
                                                bias=m.add_bias_linear, sequence_parallel=sp,
-                                               fused_sizes=fc1_sizes, init_std=m.init_method_std)
+                                               fused_sizes=fc1_sizes, init_std=m.init_method_std,
+                                               separate_blocks=m.swiglu)
         self.linear_fc2 = RowParallelLinear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias_linear,
                                             sequence_parallel=sp, init_std=output_std)
         self.backend = m.attention_backend
 
     def forward(self, x_sbh):
-        h = self.linear_fc1(x_sbh)
-        h = swiglu(h, backend=self.backend) if self.swiglu else F.gelu(h, approximate="tanh")
+        if self.swiglu:
+            h = swiglu(*self.linear_fc1(x_sbh), backend=self.backend)
+        else:
+            h = F.gelu(self.linear_fc1(x_sbh), approximate="tanh")
         return self.linear_fc2(h)
 
 

@@ -18,17 +18,20 @@ Per transformer layer:
     norms (2)     LayerNorm: x r·ts·h + mean, rstd 4·ts each | RMSNorm cpu: x, x̂ r·ts·h each + rstd 4·ts
                   (CPU autocast runs it in fp32: a 16-bit x is cast and x, x̂ are 4 bytes) | cuda: x + mean,
                   rstd fp32
-    GEMM inputs   QKV and FC1: a·ts·h (under SP the layer keeps its local fp32/16-bit shard: r·ts·h);
-                  projection and FC2 inputs are the attention output and the MLP product below
-    attention     flash (cuda always; cpu without attention dropout): the QKV output a·t·(n+2g)·d (q, k,
-                  v are views of it), RoPE outputs a·t·(n+g)·d, the output a·t·n·d (the projection's input
+    GEMM inputs   QKV and SwiGLU FC1 (their blocks run in layers/linear.py's own Function): the norm's
+                  output as produced, r·ts·h (the local shard under SP); a GeLU
+                  FC1 (F.linear): a·ts·h, or r·ts·h under SP; projection and FC2 inputs are the
+                  attention output and the MLP product below
+    attention     flash (cuda always; cpu without attention dropout): q, k, v from the QKV blocks (with
+                  RoPE only v a·t·g·d stays, RoPE saves nothing of its input; without, all three
+                  a·t·(n+2g)·d), RoPE outputs a·t·(n+g)·d, the output a·t·n·d (the projection's input
                   is a view of it), logsumexp 4·b·n·s
                   math (cpu with attention dropout, fp32 inside): scaled q, k and v expanded to n heads
                   3·4·t·n·d, probabilities, dropout noise and dropped probabilities 3·4·b·n·s², and the
                   projection's input a·t·n·d
     dropout (2)   on the projection / FC2 output (+ bias): cpu its dtype · ts·h, cuda ts·h
-    MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: [gate; up] 2·a·t·f + silu(gate) +
-                  product 2·a·t·f | cuda: [gate; up] + product 3·a·t·f
+    MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: gate, up 2·a·t·f + silu(gate) +
+                  product 2·a·t·f | cuda: gate, up + product 3·a·t·f
 Recompute: selective checkpoints core attention (its inputs q, k, v stay: the QKV output and the RoPE
 outputs); its internals come back during its backward. Full checkpoints chunks of layers: only each
 chunk's input stays; one chunk's activations come back during its backward.
@@ -83,10 +86,11 @@ def _norm(cfg: Config, device: str, D: dict) -> float:
     return 2 * nb * ts * h + 4 * ts
 
 
-def _column_input(cfg: Config, device: str, D: dict) -> float:
-    """What a column-parallel layer (QKV, FC1, output layer) keeps of its input, a norm output: its
-    16-bit cast, or under SP the local shard as the norm produced it."""
-    return (_norm_bytes(cfg, device, D) if D["sp"] else D["a"]) * D["ts"] * D["h"]
+def _column_input(cfg: Config, device: str, D: dict, blocks: bool = False) -> float:
+    """What a column-parallel layer (QKV, FC1, output layer) keeps of its input, a norm output (in the
+    residual's dtype): as the norm produced it when its own Function runs it (fused blocks, or SP: the
+    local shard), else F.linear's 16-bit cast."""
+    return (D["r"] if (D["sp"] or blocks) else D["a"]) * D["ts"] * D["h"]
 
 
 def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
@@ -96,17 +100,17 @@ def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
 
 
 def weight_copies(cfg: Config, D: dict) -> dict:
-    """Autocast over fp32 parameters: each F.linear keeps the 16-bit copy of its weight. The sequence-
-    parallel column layer casts inside its own autograd Function and keeps only the fp32 parameter."""
+    """Autocast over fp32 parameters: each F.linear keeps the 16-bit copy of its weight. The column
+    layers with their own autograd Function (fused blocks: QKV and SwiGLU FC1; any under SP) cast
+    inside it and keep only the fp32 parameter."""
     if not D["autocast"]:
         return {}
     m, tp, h = cfg.model, D["tp"], D["h"]
     d, f = D["d"], m.ffn_hidden_size
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    qkv, fc1 = (q + 2 * kv) // tp * h, f * (2 if m.swiglu else 1) // tp * h
+    fc1 = f * (2 if m.swiglu else 1) // tp * h
     row = h * (q // tp) + h * (f // tp)
-    return {"qkv weight copy": 0 if D["sp"] else 2 * qkv,
-            "other weight copies": 2 * (row + (0 if D["sp"] else fc1))}
+    return {"other weight copies": 2 * (row + (0 if (D["sp"] or m.swiglu) else fc1))}
 
 
 def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict, float]:
@@ -116,6 +120,7 @@ def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict
     qkv = a * t * (n + 2 * g) * d
     rope = tables = 0.0
     if cfg.model.position_embedding_type == "rope":
+        qkv = a * t * g * d  # v; q and k give way to their RoPE outputs
         rope = a * t * (n + g) * d
         if device == "cpu" and a != 4:  # the torch path casts the fp32 tables to q's dtype, for q and k
             tables = 4 * a * s * d
@@ -143,9 +148,10 @@ def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
         mlp = 2 * a * t * f
     # The residual branch's output: 16-bit GEMM output, promoted to fp32 by an fp32 bias under autocast.
     branch = D["r"] if (D["autocast"] and m.add_bias_linear) else a
-    terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(cfg, device, D), **attn,
-             "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
-             "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(cfg, device, D), "mlp": mlp,
+    terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(cfg, device, D, blocks=True),
+             **attn, "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
+             "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(cfg, device, D, m.swiglu),
+             "mlp": mlp,
              "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D)}
     return {k: v for k, v in terms.items() if v}, extra
 
@@ -174,10 +180,10 @@ def head_terms(cfg: Config, device: str = "cpu") -> dict:
     D = _dims(cfg)
     a, t, h, tp = D["a"], D["t"], D["h"], D["tp"]
     v = cfg.padded_vocab_size // tp
-    if tp > 1:  # vocab-parallel cross entropy: fp32 softmax, local targets, out-of-range mask
+    if tp > 1:  # vocab-parallel cross entropy: fp32 exp of the logits and its sum, local targets, mask
+        loss = 4 * t * v + 4 * t + 8 * t + t
+    elif device == "cpu":  # torch backend: fp32 log-probabilities, labels, kept-row mask
         loss = 4 * t * v + 8 * t + t
-    elif device == "cpu":  # F.cross_entropy: fp32 log-softmax, flattened labels
-        loss = 4 * t * v + 8 * t
     else:  # Triton cross entropy: the logits, labels, fp32 logsumexp
         loss = a * t * v + 8 * t + 4 * t
     copy = 2 * v * h if (D["autocast"] and not D["sp"]) else 0
@@ -187,7 +193,7 @@ def head_terms(cfg: Config, device: str = "cpu") -> dict:
 
 
 # Terms of a layer still alive when its backward reaches core attention.
-ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables", "qkv weight copy")
+ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables")
 
 
 def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -> list[Segment]:

@@ -66,7 +66,7 @@ def cases():
     rope_ptrs = dict(X="*bf16", COS="*fp32", SIN="*fp32", OUT="*bf16")
     yield "rope", rt._rope_kernel, rope_ptrs, dict(BACKWARD=False, BLOCK_S=64, BLOCK_H=64), 4, 1
     yield "rope backward", rt._rope_kernel, rope_ptrs, dict(BACKWARD=True, BLOCK_S=64, BLOCK_H=64), 4, 1
-    sw_ptrs = dict(X="*bf16", OUT="*bf16", DOUT="*bf16", DX="*bf16")
+    sw_ptrs = {n: "*bf16" for n in ("GATE", "UP", "OUT", "DOUT", "DGATE", "DUP")}
     yield "swiglu fwd", st._swiglu_fwd_kernel, sw_ptrs, dict(BLOCK=1024), 4, 1
     yield "swiglu bwd", st._swiglu_bwd_kernel, sw_ptrs, dict(BLOCK=1024), 4, 1
     ce_ptrs = dict(LOGITS="*bf16", DLOGITS="*bf16", LABELS="*i64", LSE="*fp32", TARGET="*fp32", SUM="*fp32",

@@ -76,3 +76,14 @@ def test_expanded_upstream_gradient():
     cross_entropy(x, labels, backend="triton").mean().backward()
     want = torch.func.grad(lambda t: cross_entropy_reference(t, labels).mean())(logits)
     torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
+
+
+def test_torch_backend_refuses_a_second_backward_through_its_consumed_buffer():
+    logits, labels = make(torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, labels, backend="torch").sum()
+    loss.backward(retain_graph=True)
+    want = torch.func.grad(lambda t: cross_entropy_reference(t, labels).sum())(logits)
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

@@ -20,7 +20,7 @@ CALLS = {
     "layer_norm": lambda be: layer_norm(Q, W, W, backend=be),
     "rms_norm": lambda be: rms_norm(Q, W, backend=be),
     "rope": lambda be: apply_rotary(Q, COS, SIN, backend=be),
-    "swiglu": lambda be: swiglu(Q, backend=be),
+    "swiglu": lambda be: swiglu(Q, Q, backend=be),
     "cross_entropy": lambda be: cross_entropy(Q, torch.zeros(1, 2, 8, dtype=torch.long), backend=be),
 }
 

@@ -1,5 +1,6 @@
 """Single-process checks of the TP RNG tracker, recompute replay, checkpointed RNG state, and that the
 tensor-parallel layers cost nothing at TP=1."""
+import contextlib
 import io
 
 import pytest
@@ -118,3 +119,43 @@ def test_sequence_parallel_needs_divisible_sequence():
     with pytest.raises(ConfigError, match="--sequence-parallel"):
         config_from_kwargs(world_size=4, tensor_model_parallel_size=4, sequence_parallel=True, seq_length=18,
                            num_attention_heads=4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_separate_blocks_equal_the_fused_layer_split(bias, autocast):
+    """Q/K/V (or gate/up) from one matmul per block equal the fused output split, gradients included
+    (each block's weight gradient written into its rows, the input gradient summed over blocks)."""
+    sizes = [12, 4, 4]
+    fused = ColumnParallelLinear(8, sum(sizes), bias=bias, fused_sizes=sizes)
+    blocks = ColumnParallelLinear(8, sum(sizes), bias=bias, fused_sizes=sizes, separate_blocks=True)
+    torch.nn.init.normal_(fused.weight)
+    if bias:
+        torch.nn.init.normal_(fused.bias)
+    blocks.load_state_dict(fused.state_dict())
+    x = torch.randn(5, 3, 8)
+    upstream = [torch.randn(5, 3, n) for n in sizes]
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+
+    def run(layer, split):
+        x_in = x.clone().requires_grad_()
+        with ctx():
+            outs = split(layer(x_in))
+        grads = torch.autograd.grad(outs, [x_in] + list(layer.parameters()),
+                                    [g.to(o.dtype) for o, g in zip(outs, upstream)])
+        return outs, grads
+
+    got, got_grads = run(blocks, tuple)
+    want, want_grads = run(fused, lambda y: y.split(sizes, dim=-1))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b, **tol)
+    assert len(got_grads) == len(want_grads) == (3 if bias else 2)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_separate_blocks_need_fused_sizes():
+    with pytest.raises(ValueError, match="separate_blocks needs fused_sizes"):
+        ColumnParallelLinear(8, 6, separate_blocks=True)
