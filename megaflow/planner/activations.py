@@ -105,12 +105,11 @@ def weight_copies(cfg: Config, D: dict) -> dict:
     inside it and keep only the fp32 parameter."""
     if not D["autocast"]:
         return {}
-    m, tp, h = cfg.model, D["tp"], D["h"]
-    d, f = D["d"], m.ffn_hidden_size
-    q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    fc1 = f * (2 if m.swiglu else 1) // tp * h
-    row = h * (q // tp) + h * (f // tp)
-    return {"other weight copies": 2 * (row + (0 if (D["sp"] or m.swiglu) else fc1))}
+    m, h = cfg.model, D["h"]
+    q_local, f_local = m.num_attention_heads * D["d"] // D["tp"], D["f"]
+    row = h * q_local + h * f_local                       # projection and FC2
+    gelu_fc1 = 0 if (D["sp"] or m.swiglu) else f_local * h
+    return {"weight copies": 2 * (row + gelu_fc1)}
 
 
 def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict, float]:
