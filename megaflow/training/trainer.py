@@ -93,7 +93,9 @@ class _Trainer:
         p = cfg.parallel
         self.st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                    backend=p.distributed_backend, timeout_minutes=p.distributed_timeout_minutes,
-                                   device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg))
+                                   device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg),
+                                   cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
+                                   etp=p.expert_tensor_parallel_size)
         self.monitor = health.start(p.distributed_timeout_minutes)  # names lost ranks if a collective fails
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)

@@ -32,3 +32,40 @@ def test_eight_gloo_processes_build_the_exact_groups(tmp_path):
             mine = next(g for g in groups if rank in g)
             assert r["ranks"][kind] == mine
             assert r["sums"][kind] == float(sum(mine)), kind  # the collective really ran over that group
+
+
+def _old_three_dim_layout(world_size, tp, pp):
+    """The "tp-dp-pp" formulas the five-dimension layout must reproduce when CP = EP = 1."""
+    dp = world_size // (tp * pp)
+    rank = lambda t, d, p: t + tp * (d + dp * p)  # noqa: E731
+    return dict(tp=[[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+                dp=[[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+                pp=[[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+                mp=[[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)])
+
+
+def test_five_dimensions_reduce_to_three_when_cp_and_ep_are_one():
+    for world, tp, pp in [(16, 2, 4), (8, 2, 2), (8, 1, 8), (12, 3, 2), (8, 4, 1)]:
+        g, old = layout_ranks(world, tp, pp), _old_three_dim_layout(world, tp, pp)
+        for kind in old:
+            assert g[kind] == old[kind], (world, tp, pp, kind)
+        assert g["dp_cp"] == g["dp"] and g["edp"] == g["dp"] and g["etp"] == g["tp"]
+        assert g["cp"] == g["ep"] == [[r] for r in range(world)]
+
+
+def test_context_and_expert_parallel_rank_order():
+    # rank = tp + TP·(cp + CP·(dp + DP·pp)); experts: rank = etp + ETP·(ep + EP·edp) + stage offset.
+    world, tp, cp, pp = 16, 2, 2, 2  # DP = 2
+    g = layout_ranks(world, tp, pp, cp=cp, ep=2, etp=1)
+    assert g["tp"][:2] == [[0, 1], [2, 3]]
+    assert g["cp"][:3] == [[0, 2], [1, 3], [4, 6]]
+    assert g["dp"][:2] == [[0, 4], [1, 5]]
+    assert g["dp_cp"][0] == [0, 2, 4, 6]
+    assert g["pp"][0] == [0, 8]
+    assert g["ep"][:2] == [[0, 1], [2, 3]]            # ETP = 1: neighbouring ranks hold different experts
+    assert g["edp"][0] == [0, 2, 4, 6]                # same experts, within one pipeline stage
+    assert g["etp"][0] == [0]
+    g = layout_ranks(8, 2, 1, ep=2)                   # ETP defaults to TP
+    assert g["etp"][0] == [0, 1] and g["ep"][0] == [0, 2] and g["edp"][0] == [0, 4]
+    for kind, groups in g.items():
+        assert sorted(r for grp in groups for r in grp) == list(range(8)), kind

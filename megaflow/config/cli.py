@@ -1,0 +1,151 @@
+"""Command line and YAML: Megatron-LM flag names -> Config (then finalize and validate)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from megaflow.config.fields import ConfigError
+from megaflow.config.root import SECTIONS, Config
+from megaflow.config.validation import finalize
+
+
+# ---------------------------------------------------------------------------------------------
+# Flag table: flag name -> (section, field)
+
+def _flag_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _field_table():
+    table = {}
+    for section, klass in SECTIONS.items():
+        for f in fields(klass):
+            table[_flag_name(f)] = (section, f)
+    return table
+
+
+FIELDS = _field_table()
+_BY_NAME = {f.name: (section, f) for section, f in FIELDS.values()}
+
+
+def _scalar_type(section: str, f) -> type:
+    hint = get_type_hints(SECTIONS[section])[f.name]
+    if get_origin(hint) is Union:
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    return hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt.py", description="megaflow GPT pretraining (Megatron-LM flag names)",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
+    for flag, (section, f) in FIELDS.items():
+        help_text = (f.metadata.get("help") or "").replace("%", "%%")  # argparse formats help with %
+        action, kw = f.metadata.get("action"), {"help": help_text, "dest": f"{section}.{f.name}"}
+        if action in ("store_true", "store_false"):
+            p.add_argument(flag, action=action, **kw)
+        elif action == "nargs+":
+            p.add_argument(flag, nargs="+", **kw)
+        else:
+            typ = _scalar_type(section, f)
+            p.add_argument(flag, type=typ, choices=f.metadata.get("choices"), **kw)
+    return p
+
+
+def _coerce(section: str, f, value, origin: str):
+    """Type-check a YAML value against the field's type; errors name the key."""
+    if value is None:
+        return None
+    typ = list if f.metadata.get("action") == "nargs+" else _scalar_type(section, f)
+    try:
+        if typ is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typ is list:
+            return [str(v) for v in (value if isinstance(value, list) else str(value).split())]
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise TypeError
+        value = typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {_flag_name(f)} expects {typ.__name__}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{origin}: {_flag_name(f)} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _load_yaml(path: str) -> dict:
+    """YAML keys may be field names or flag names, flat or under a section name."""
+    import yaml
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    flat = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    out = {}
+    for key, value in flat.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        hit = _BY_NAME.get(name) or FIELDS.get("--" + str(key).lstrip("-"))
+        if hit is None:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}")
+        section, f = hit
+        v = _coerce(section, f, value, f"--config {path}")
+        if f.metadata.get("action") == "store_false" and key.lstrip("-").startswith("disable"):
+            v = not v  # `disable-bias-linear: true` means add_bias_linear = False
+        out[(section, f.name)] = v
+    return out
+
+
+def parse_args(argv=None, world_size: Optional[int] = None, check: bool = True) -> Config:
+    """Command line (+ YAML) -> validated Config. Raises ConfigError naming the flag.
+    check=False fills the derived fields but leaves validation to the caller (the run planner, which
+    validates each layout it tries)."""
+    parser = build_parser()
+    try:
+        ns, unknown = parser.parse_known_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            raise
+        raise ConfigError("invalid command line (argparse printed the flag and the problem above)") from e
+    if unknown:
+        raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see --help)")
+    given = {tuple(k.split(".", 1)): v for k, v in vars(ns).items() if k != "config"}
+    settings = _load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    settings.update(given)
+    cfg = Config()
+    for (section, name), value in settings.items():
+        setattr(getattr(cfg, section), name, value)
+    return finalize(cfg, world_size=world_size, check=check)
+
+
+def format_config(cfg: Config) -> str:
+    """The resolved configuration, one `name ....... value` line per field, as Megatron prints it."""
+    lines = ["------------------------ megaflow arguments ------------------------"]
+    for section in SECTIONS:
+        for name, value in sorted(dataclasses.asdict(getattr(cfg, section)).items()):
+            lines.append(f"  {name} {'.' * max(1, 48 - len(name))} {value}")
+    lines.append(f"  world_size / data_parallel_size {'.' * 17} {cfg.world_size} / {cfg.data_parallel_size}")
+    lines.append("-------------------- end of megaflow arguments ---------------------")
+    return "\n".join(lines)
+
+
+def config_from_kwargs(world_size: int = 1, **overrides: Any) -> Config:
+    """Build a Config in code (tests, benchmarks): keyword = field name, in any section."""
+    cfg = Config()
+    for name, value in overrides.items():
+        if name not in _BY_NAME:
+            raise ConfigError(f"unknown setting {name!r}")
+        setattr(getattr(cfg, _BY_NAME[name][0]), name, value)
+    return finalize(cfg, world_size=world_size)
