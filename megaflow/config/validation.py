@@ -70,9 +70,10 @@ def validate(cfg: Config) -> None:
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     need(cp >= 1, "--context-parallel-size must be >= 1")
+    cp_term = f"--context-parallel-size ({cp}) × " if cp > 1 else ""
     need(cfg.world_size % (tp * cp * pp) == 0,
          f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size ({tp}) × "
-         f"--context-parallel-size ({cp}) × --pipeline-model-parallel-size ({pp})")
+         f"{cp_term}--pipeline-model-parallel-size ({pp})")
     cfg.data_parallel_size = dp = cfg.world_size // (tp * cp * pp)
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
     need(ep >= 1 and etp >= 1, "--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")

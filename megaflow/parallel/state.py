@@ -14,7 +14,7 @@ so EP is carved out of data (and context) parallelism, as in Megatron-Core. With
 ETP = TP the expert groups coincide with the dense ones.
 
 Every group comes from one ordered list of (dimension, size): a group is the set of ranks that differ
-only along the named dimensions. Identical rank lists share one process group.
+only along the named dimensions.
 
 Runs without a launcher too: one process, world size 1, no torch.distributed calls at all.
 """
@@ -153,16 +153,14 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     timeout = datetime.timedelta(minutes=timeout_minutes)
     state, layout = _state_for(world_size, rank, tp, pp, cp, ep, etp, device=dev, backend=backend,
                                virtual_pp_size=virtual_pp)
-    created = {}
     for name, group_list in layout.items():
         for ranks in group_list:
-            # Every rank must call new_group for every group, in the same order; the same rank list
-            # (e.g. "dp" and "dp_cp" when CP = 1) is one group.
-            key = tuple(ranks)
-            if key not in created:
-                created[key] = dist.new_group(ranks, timeout=timeout) if world_size > 1 else None
+            # Every rank must call new_group for every group, in the same order. Each name gets its own
+            # group even where rank lists coincide (e.g. "dp" and "dp_cp" when CP = 1), as in Megatron:
+            # code and tests may tell collectives apart by their group.
+            pg = dist.new_group(ranks, timeout=timeout) if world_size > 1 else None
             if rank in ranks:
-                state.groups[name], state.ranks[name] = created[key], ranks
+                state.groups[name], state.ranks[name] = pg, ranks
     _STATE = state
     return state
 
