@@ -32,9 +32,10 @@ Each tensor-parallel rank holds logits_shard [..., v] = global columns [vocab_st
 
 st.target is the label's logit on the rank that holds the label and 0 elsewhere, so their sum is
 the label's logit; st.sum_logits (over the shard's real columns) is only needed with label
-smoothing. A shard made only of padding has lse = -inf, which the combination above ignores. With inplace=True the
-gradient overwrites the logits shard (no second [tokens, v] buffer): do it only when nothing else
-uses the logits afterwards (their autograd version is bumped, so a saved use fails loudly).
+smoothing. A shard made only of padding has lse = -inf, which the combination above ignores.
+With inplace=True the gradient overwrites the logits shard (no second [tokens, v] buffer): do it
+only when nothing else uses the logits afterwards (their autograd version is bumped, so a saved
+use fails loudly).
 Every function here takes `backend`: "torch" runs the same math in plain torch (CPU/gloo runs).
 """
 from __future__ import annotations

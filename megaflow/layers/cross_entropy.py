@@ -118,11 +118,12 @@ def vocab_parallel_cross_entropy(logits, target, label_smoothing: float = 0.0, b
         raise ValueError(f"vocab_parallel_cross_entropy: vocabulary {vocab_size} for {logits.shape[-1]} logits "
                          f"columns × TP {st.tp_size}")
     if st.tp_size == 1:
-        return cross_entropy(logits, target, label_smoothing=label_smoothing, backend=backend, vocab_size=vocab_size)
-    if resolve_backend(backend, logits) == "torch":
+        return cross_entropy(logits, target, label_smoothing=label_smoothing, backend=backend,
+                             vocab_size=vocab_size)
+    backend = resolve_backend(backend, logits)
+    if backend == "torch":
         return _VocabParallelCrossEntropy.apply(logits, target, float(label_smoothing), int(vocab_size))
-    return _ShardedCrossEntropy.apply(logits, target, float(label_smoothing), int(vocab_size),
-                                      resolve_backend(backend, logits))
+    return _ShardedCrossEntropy.apply(logits, target, float(label_smoothing), int(vocab_size), backend)
 
 
 class VocabParallelCrossEntropy(nn.Module):

@@ -125,8 +125,8 @@ def test_collectives_per_training_step(results, tp):
         assert _counts(log, "step") == {("all_reduce", 1): 1, ("all_reduce", tokens): 3,
                                         ("all_reduce", T): 4 * L + 2}, style
         log = results["collectives"][f"model/tp{tp}/{style}/sp"]
-        assert _counts(log, "step") == {("all_gather", T): 6 * L + 3, ("all_reduce", 1): 1, ("all_reduce", tokens): 3,
-                                        ("all_reduce", sp_params[style]): 1,
+        assert _counts(log, "step") == {("all_gather", T): 6 * L + 3, ("all_reduce", 1): 1,
+                                        ("all_reduce", tokens): 3, ("all_reduce", sp_params[style]): 1,
                                         ("reduce_scatter", T): 4 * L + 2}, style
 
 
