@@ -39,6 +39,8 @@ class ModelConfig:
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
     hidden_dropout: float = _f(0.1, "dropout on residual branches and embeddings")
     make_vocab_size_divisible_by: int = _f(128, "pad the vocabulary to a multiple of this × TP")
+    label_smoothing: float = _f(0.0, "label smoothing of the loss, in [0, 1): (1-ε)·NLL + ε·mean over the "
+                                     "true vocabulary of -log p (padding excluded)")
     recompute_granularity: Optional[str] = _f(None, "activation recompute", choices=["full", "selective"])
     recompute_method: Optional[str] = _f(None, "layers to recompute", choices=["uniform", "block"])
     recompute_num_layers: Optional[int] = _f(None, "layers per recompute chunk (uniform) or count (block)")

@@ -1,8 +1,8 @@
 """Text generation from a megaflow checkpoint: greedy, temperature, top-k, top-p, with a KV cache.
 
 The checkpoint may have any TP/PP layout: its full state dict (checkpoint/full_state.py) is loaded
-into a single-process model. Logits of vocabulary padding rows are masked, so padding is never
-sampled.
+into a single-process model. Logits of vocabulary padding rows are -inf (the model masks them) and
+cut off here, so padding is never chosen greedily nor sampled.
 """
 from __future__ import annotations
 

@@ -25,8 +25,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start, self.vocab_end = st.tp_rank * per_rank, (st.tp_rank + 1) * per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, device=st.device))
         self.weight.init_std = init_std
-        # Rows past the real vocabulary are drawn from their own stream (see model/init.py), so
-        # the real rows are the same whatever padding the TP size implies.
+        # Rows past the real vocabulary are padding: initialised to 0 (model/init.py) and never
+        # looked up nor given a gradient by the loss, so the real rows are the same whatever padding
+        # the TP size implies.
         self.weight.vocab_rows = unpadded_vocab_size
         mark_tensor_parallel(self.weight, 0)
 

@@ -8,6 +8,10 @@ Parallelism enters only through the layer classes (tensor parallelism) and the s
 
 Shape legend: b batch, s sequence (s/tp under sequence parallelism), h hidden, n heads on this rank,
 g query groups (kv heads) on this rank, d head dim, v vocabulary on this rank (padded / tp).
+
+Vocabulary padding (cfg.padded_vocab_size - cfg.vocab_size rows, so that TP divides the vocabulary)
+takes no part: the loss excludes those logits columns, returned logits carry -inf there, and their
+embedding/output rows start at 0 (model/init.py) and never get a gradient, so they stay 0.
 Activations flow as x_sbh (sequence first, as in Megatron: sequence parallelism splits dim 0).
 
 Dropout: attention dropout acts on this rank's heads, so it draws from the TP rank's own stream
@@ -29,8 +33,8 @@ from megaflow.kernels.attention import attention
 from megaflow.kernels.rope import apply_rotary, rotary_cos_sin
 from megaflow.kernels.swiglu import swiglu
 from megaflow.layers.linear import column_parallel_matmul
-from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, build_norm,
-                             vocab_parallel_cross_entropy)
+from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
+                             VocabParallelEmbedding, build_norm)
 from megaflow.parallel import mappings, random, state
 
 
@@ -174,9 +178,10 @@ class GPTModel(nn.Module):
         self.sequence_parallel = cfg.parallel.sequence_parallel
         self.share_embeddings = not m.untie_embeddings_and_output_weights
         vocab = cfg.padded_vocab_size
+        true_vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab  # the tokenizer's ids
         if pre_process:
             self.word_embeddings = VocabParallelEmbedding(vocab, m.hidden_size, m.init_method_std,
-                                                          unpadded_vocab_size=cfg.vocab_size)
+                                                          unpadded_vocab_size=true_vocab)
             # Tied, with the output layer on a later stage: that stage holds a copy (below); the two
             # gradients are summed over the embedding group (optim/grads.py).
             self.word_embeddings.weight.shared_embedding = self.share_embeddings and not post_process
@@ -199,7 +204,8 @@ class GPTModel(nn.Module):
                 # A tied output layer on a later stage is a copy of the word embeddings: it gets the
                 # same initial values and its gradient is summed with theirs (embedding group).
                 self.output_layer.weight.shared_embedding = self.share_embeddings
-                self.output_layer.weight.vocab_rows = cfg.vocab_size
+                self.output_layer.weight.vocab_rows = true_vocab
+            self.lm_loss = VocabParallelCrossEntropy(true_vocab, label_smoothing=m.label_smoothing)
         self.recompute = m.recompute_granularity == "full"
         self.recompute_method, self.recompute_num_layers = m.recompute_method or "uniform", \
             m.recompute_num_layers or 1
@@ -254,8 +260,8 @@ class GPTModel(nn.Module):
             logits_sbv = column_parallel_matmul(x_sbh, self.word_embeddings.weight,
                                                 sequence_parallel=self.sequence_parallel)
         if labels_bs is None:
-            return logits_sbv.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits_sbv, labels_bs.t()).t()
+            return self.lm_loss.mask_padding(logits_sbv).transpose(0, 1)
+        return self.lm_loss(logits_sbv, labels_bs.t()).t()
 
 
 def _run_chunk(layers, x):

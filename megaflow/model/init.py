@@ -56,11 +56,12 @@ def full_shape(param: torch.Tensor) -> list[int]:
 def _draw_full(name: str, shape: list[int], std: float, seed: int, vocab_rows=None) -> torch.Tensor:
     if vocab_rows is None or vocab_rows >= shape[0]:
         return torch.randn(shape, generator=_generator(seed, name)) * std
-    # Real vocabulary rows from one stream, padding rows from another: the real rows do not depend
-    # on how much padding this TP size needs.
+    # Real vocabulary rows are drawn for the real rows only, so they do not depend on how much
+    # padding this TP size needs; padding rows are zeros. The loss never looks at them and their
+    # gradient is exactly 0, so they stay 0 through any optimizer (Adam's update of a zero gradient
+    # is 0, decoupled weight decay of 0 is 0): identical whatever the padding.
     real = torch.randn([vocab_rows] + shape[1:], generator=_generator(seed, name)) * std
-    pad = torch.randn([shape[0] - vocab_rows] + shape[1:], generator=_generator(seed, name + "/padding")) * std
-    return torch.cat([real, pad])
+    return torch.cat([real, real.new_zeros([shape[0] - vocab_rows] + shape[1:])])
 
 
 @torch.no_grad()

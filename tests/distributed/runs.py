@@ -14,15 +14,17 @@ from megaflow.optim.optimizer import model_chunks
 from megaflow.parallel import state
 from megaflow.training.trainer import _Trainer
 
-# A tiny Llama whose padded vocabulary is the same at TP=1 and TP=2 (255 + EOD = 256 = 128·2):
-# padding rows take part in the softmax, so the padded size must not change with the layout.
+# A tiny Llama whose vocabulary (299 + EOD = 300 ids) pads differently per layout: 384 rows at TP=1,
+# 512 at TP=2. Padding takes no part in the loss, so every layout must still give the same run; the
+# comparisons below use the real rows, and every padding row must stay exactly 0.
 LLAMA = ["--model-style", "llama", "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
-         "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--vocab-size", "255",
+         "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32", "--vocab-size", "299",
          "--mock-data", "--tokenizer-type", "NullTokenizer", "--num-workers", "0", "--hidden-dropout", "0",
          "--attention-dropout", "0", "--log-interval", "1000", "--eval-interval", "2", "--eval-iters", "1",
          "--lr", "3e-3", "--lr-warmup-iters", "1", "--weight-decay", "0.1", "--clip-grad", "0.05",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4"]
 GPT2 = [a if a != "llama" else "gpt2" for a in LLAMA]
+VOCAB_TENSORS = ("word_embeddings.weight", "output_layer.weight")  # rows past cfg.vocab_size: padding
 
 
 @torch.no_grad()
@@ -41,6 +43,17 @@ def full_weights(chunks) -> dict:
     return out
 
 
+def split_padding(weights: dict, vocab_size: int) -> tuple[dict, float]:
+    """(weights with the vocabulary tensors cut to their real rows, max |padding row value|)."""
+    real, pad = {}, 0.0
+    for name, w in weights.items():
+        if name in VOCAB_TENSORS:
+            pad = max(pad, w[vocab_size:].abs().max().item() if w.shape[0] > vocab_size else 0.0)
+            w = w[:vocab_size]
+        real[name] = w
+    return real, pad
+
+
 def run(args) -> dict:
     trainer = _Trainer(parse_args([str(a) for a in args]))
     opt = trainer.optimizer
@@ -49,9 +62,12 @@ def run(args) -> dict:
     norms, norm_of = [], opt.grad_norm
     opt.grad_norm = lambda: norms.append(norm_of()) or norms[-1]
     result = trainer.run()
+    cfg = trainer.cfg
+    weights, padding_max = split_padding(full_weights(model_chunks(trainer.model)), cfg.vocab_size)
     return {"losses": result.losses, "skipped": result.skipped_iterations, "grad_norms": norms,
+            "padded_vocab_size": cfg.padded_vocab_size, "padding_max": padding_max,
             "iteration": result.iteration, "consumed_samples": result.consumed_samples,
-            "weights": full_weights(model_chunks(trainer.model)),
+            "weights": weights,                              # real rows only: layout-independent
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,
             "gathers_waited_in_forward": opt.sync.gathers_waited_in_forward,

@@ -2,8 +2,9 @@
 and --async-save; a tied GPT-2 with ZeRO and sequence parallelism) continue at TP1·PP1·DP1, TP1·PP2·DP4
 and TP2·PP1·DP1, with ZeRO switched on or off, interleaved or not, and the continued runs equal the
 uninterrupted single-process run: losses, validation loss and final weights within fp32 tolerance
-(dropout 0: random streams cannot follow a layout change). Two torchrun launches (8 and 2 processes)
-plus the single-process runs in this process."""
+(dropout 0: random streams cannot follow a layout change). The vocabulary pads to 512 rows at TP=2 and
+384 at TP=1: the padding takes no part in the loss and stays 0, so re-padding it on load changes
+nothing. Two torchrun launches (8 and 2 processes) plus the single-process runs in this process."""
 import contextlib
 import io
 import json
@@ -15,7 +16,7 @@ import torch
 from megaflow.checkpoint.format import CheckpointReader
 from megaflow.checkpoint.full_state import load_full_state_dict
 from megaflow.parallel import state
-from tests.distributed.runs import GPT2, LLAMA, run
+from tests.distributed.runs import GPT2, LLAMA, run, split_padding
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -96,6 +97,7 @@ def test_continued_run_equals_the_uninterrupted_run(runs, name):
     merged = {}
     for r in ranks:
         merged.update(r["weights"])
+        assert r["padded_vocab_size"] == (512 if name.startswith("tp2") else 384) and r["padding_max"] == 0.0
     assert merged.keys() == ref["weights"].keys()
     for n, w in merged.items():
         torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6, msg=n)
@@ -144,7 +146,9 @@ def test_tools_read_the_interleaved_and_zero_checkpoints_whole(runs):
     tied GPT-2 give the weights the saving runs held at iteration 2."""
     out, *_, ck = runs
     for name in ("zero", "gpt2"):
-        _cfg, full = load_full_state_dict(ck[name])
+        cfg, full = load_full_state_dict(ck[name])
+        full, padding_max = split_padding(full, cfg.vocab_size)
+        assert cfg.padded_vocab_size == 512 and padding_max == 0.0
         held = {}
         for r in out[f"save_{name}"]:
             held.update(r["weights"])

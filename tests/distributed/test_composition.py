@@ -2,7 +2,9 @@
 one process with the same weights and data order — losses, every step's global gradient norm and the
 final weights (fp32, tight) — with and without ZeRO, sequence parallelism and the interleaved
 schedule, in one torchrun launch. A GPT-2-style run adds the tied embedding split across the first
-and last stage under ZeRO-2 (its gradient is summed on shards, in a bucket of its own)."""
+and last stage under ZeRO-2 (its gradient is summed on shards, in a bucket of its own). The vocabulary
+(300 ids) pads to 512 rows at TP=2 and 384 in the single process: the padding takes no part, so the
+runs are equal on the real rows, and every padding row stays exactly 0."""
 import json
 import os
 
@@ -53,7 +55,9 @@ def test_tp2_pp2_dp2_equals_single_process(results, name):
     for r in ranks:
         merged.update(r["weights"])
     assert merged.keys() == ref["weights"].keys()
+    assert ref["padded_vocab_size"] == 384 and ref["padding_max"] == 0.0
     for r in ranks:                                                # and every rank is right
+        assert r["padded_vocab_size"] == 512 and r["padding_max"] == 0.0, r["rank"]
         for n, w in r["weights"].items():
             torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6, msg=f"rank {r['rank']} {n}")
 

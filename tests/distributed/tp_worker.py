@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megaflow.config import config_from_kwargs, pad_vocab_size
+from megaflow.config import config_from_kwargs, pad_vocab_size, set_vocab_size
 from megaflow.layers import vocab_parallel_cross_entropy
 from megaflow.layers.sharding import shard, unshard
 from megaflow.model import build_model, global_named_parameters
@@ -24,7 +24,12 @@ from megaflow.parallel import mappings, random, state
 from megaflow.training.step import train_step
 
 OUT = sys.argv[1]
-VOCAB, PADDED, SEQ, MBS, GBS, STEPS = 250, 256, 16, 2, 4, 3
+VOCAB, SEQ, MBS, GBS, STEPS = 250, 16, 2, 4, 3
+# The vocabulary pads differently at every TP (--make-vocab-size-divisible-by 56): 280 rows at TP=1,
+# 336 at TP=2, 448 at TP=4 (whose last rank holds padding only). Padding must take no part.
+DIVISIBLE = 56
+PADDED = {tp: pad_vocab_size(VOCAB, DIVISIBLE, tp) for tp in (1, 2, 4)}
+VOCAB_TENSORS = ("word_embeddings.weight", "output_layer.weight")  # their rows past VOCAB are padding
 RESULTS = {}
 torch.set_num_threads(1)
 
@@ -50,16 +55,16 @@ def layout(tp):
 def cfg_for(style, tp, world, **kw):
     args = dict(model_style=style, num_layers=2, hidden_size=64, seq_length=SEQ, vocab_size=VOCAB,
                 hidden_dropout=0.0, attention_dropout=0.0, micro_batch_size=MBS, global_batch_size=GBS,
-                tensor_model_parallel_size=tp, make_vocab_size_divisible_by=PADDED // tp, optimizer="sgd", lr=0.5,
-                clip_grad=1.0, seed=1234)
+                tensor_model_parallel_size=tp, make_vocab_size_divisible_by=DIVISIBLE, optimizer="sgd", lr=0.5,
+                weight_decay=0.1, clip_grad=1.0, seed=1234)
     if style == "llama":
         args.update(num_attention_heads=8, group_query_attention=True, num_query_groups=4)
     else:
         args.update(num_attention_heads=4)
     args.update(kw)
     cfg = config_from_kwargs(world_size=world, **args)
-    cfg.padded_vocab_size = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, tp)
-    assert cfg.padded_vocab_size == PADDED
+    set_vocab_size(cfg, VOCAB)
+    assert cfg.padded_vocab_size == PADDED[tp] and len(set(PADDED.values())) == 3
     return cfg
 
 
@@ -118,13 +123,29 @@ def train(cfg):
     return out
 
 
+def real(name, t):
+    """The layout-independent part of a full tensor: vocabulary tensors without their padding rows."""
+    return t[:VOCAB] if name in VOCAB_TENSORS else t
+
+
+def padding_max(run):
+    """max |padding row| of the vocabulary tensors' gradients (every step) and final weights."""
+    tensors = [g[n] for g in run["grads"] for n in g if n in VOCAB_TENSORS]
+    tensors += [w for n, w in run["weights"].items() if n in VOCAB_TENSORS]
+    return max(t[VOCAB:].abs().max().item() for t in tensors)
+
+
 def compare(ref, run):
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()  # noqa: E731
-    grad_err = [max((rel(run["grads"][s][n], ref["grads"][s][n]), n) for n in ref["grads"][s])
+    grad_err = [max((rel(real(n, run["grads"][s][n]), real(n, ref["grads"][s][n])), n) for n in ref["grads"][s])
                 for s in range(STEPS)]
-    weight_err = max((run["weights"][n] - ref["weights"][n]).abs().max().item() for n in ref["weights"])
+    weight_err = max((real(n, run["weights"][n]) - real(n, ref["weights"][n])).abs().max().item()
+                     for n in ref["weights"])
     names_match = all(set(run["grads"][s]) == set(ref["grads"][s]) for s in range(STEPS))
-    return {"loss_err": max(abs(a - b) for a, b in zip(run["loss"], ref["loss"])),
+    return {"padding_max": padding_max(run), "ref_padding_max": padding_max(ref),
+            "padded_rows": [run["weights"][n].shape[0] for n in VOCAB_TENSORS if n in run["weights"]],
+            "ref_padded_rows": [ref["weights"][n].shape[0] for n in VOCAB_TENSORS if n in ref["weights"]],
+            "loss_err": max(abs(a - b) for a, b in zip(run["loss"], ref["loss"])),
             "norm_err": max(abs(a - b) / b for a, b in zip(run["grad_norm"], ref["grad_norm"])),
             "grad_rel_err": max(e for e, _ in grad_err), "grad_rel_err_per_step": grad_err,
             "weight_err": weight_err, "names_match": names_match,
@@ -156,28 +177,35 @@ def check_equivalence():
 # 2. vocab-parallel cross entropy == F.cross_entropy (values and gradients), fp32 math
 
 def check_cross_entropy():
+    """Over the padded logits of each TP (large values in the padding columns, which would dominate the
+    softmax if they took part) against F.cross_entropy over the VOCAB real columns; torch in fp32 and
+    bf16, Triton (the interpreter on CPU) in fp32."""
     out = {}
     for tp in (2, 4):
-        st = layout(tp)
+        st, padded = layout(tp), PADDED[tp]
         g = torch.Generator().manual_seed(7)
-        logits = torch.randn(5, 3, PADDED, generator=g) * 3
-        target = torch.randint(0, PADDED, (5, 3), generator=g)
-        target[0, :] = torch.tensor([0, PADDED - 1, PADDED // tp])  # shard edges
+        logits = torch.randn(5, 3, padded, generator=g) * 3
+        logits[..., VOCAB:] = 20.0
+        target = torch.randint(0, VOCAB, (5, 3), generator=g)
+        target[0, :] = torch.tensor([0, VOCAB - 1, padded // tp])  # real-vocabulary and shard edges
         upstream = torch.rand(5, 3, generator=g)
         for ls in (0.0, 0.1):
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype, backend in ((torch.float32, "torch"), (torch.bfloat16, "torch"), (torch.float32, "triton")):
                 ref_in = logits.to(dtype).float().clone().requires_grad_()  # fp32 math, same values
-                ref = F.cross_entropy(ref_in.flatten(0, 1), target.flatten(), reduction="none",
+                ref = F.cross_entropy(ref_in[..., :VOCAB].flatten(0, 1), target.flatten(), reduction="none",
                                       label_smoothing=ls).view(5, 3)
                 ref.backward(upstream)
                 local = shard(logits.to(dtype), 2, st.tp_rank, tp).detach().requires_grad_()
-                loss = vocab_parallel_cross_entropy(local, target, label_smoothing=ls)
+                loss = vocab_parallel_cross_entropy(local, target, label_smoothing=ls, backend=backend,
+                                                    vocab_size=VOCAB)
                 loss.backward(upstream)
                 grad = unshard(_gather_all(local.grad.float()), 2)
-                out[f"tp{tp}/ls{ls}/{str(dtype)[6:]}"] = {
+                suffix = "" if backend == "torch" else "/triton"
+                out[f"tp{tp}/ls{ls}/{str(dtype)[6:]}{suffix}"] = {
                     "loss_dtype": str(loss.dtype), "grad_dtype": str(local.grad.dtype),
                     "loss_err": (loss - ref).abs().max().item(),
                     "grad_err": (grad - ref_in.grad).abs().max().item(),
+                    "padding_grad_max": grad[..., VOCAB:].abs().max().item(),
                     "ref_scale": ref.abs().max().item()}
     RESULTS["cross_entropy"] = out
 
@@ -365,7 +393,7 @@ def check_collective_counts():
                     train_step(cfg, model, opt, None, iter(batches(0)[:1]), 1)
                 out[f"model/tp{tp}/{style}/{'sp' if sp else 'nosp'}"] = log
     RESULTS["collectives"] = out
-    RESULTS["shape"] = {"seq": SEQ, "micro_batch": MBS, "hidden": 64, "padded_vocab": PADDED, "layers": 2}
+    RESULTS["shape"] = {"seq": SEQ, "micro_batch": MBS, "hidden": 64, "layers": 2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +409,7 @@ def check_trainer():
                     hidden_size=64, num_attention_heads=4, seq_length=SEQ, micro_batch_size=1,
                     global_batch_size=4, train_iters=4, eval_interval=0, log_interval=100, num_workers=0,
                     lr=1e-3, device="cpu", distributed_backend="gloo", tensor_model_parallel_size=tp,
-                    make_vocab_size_divisible_by=PADDED // tp, hidden_dropout=0.0, attention_dropout=0.0,
+                    make_vocab_size_divisible_by=DIVISIBLE, hidden_dropout=0.0, attention_dropout=0.0,
                     data_cache_path=os.path.join(OUT, "index-cache"))  # mock-data indices built once
         args.update(kw)
         return pretrain(config_from_kwargs(world_size=int(os.environ["WORLD_SIZE"]), **args)).losses

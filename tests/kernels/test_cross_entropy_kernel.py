@@ -87,3 +87,74 @@ def test_torch_backend_refuses_a_second_backward_through_its_consumed_buffer():
     torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+# Vocabulary padding: the true vocabulary V = 301 inside a padded row of 384 columns (three interpreter
+# chunks, the last one partly real). Padding columns hold large logits, which would dominate the softmax
+# if they took part; the loss must equal F.cross_entropy over the first V columns and their gradient
+# must be exactly 0.
+PADDED = 384
+
+
+def make_padded(dtype):
+    logits, labels = make(dtype, vocab=PADDED)
+    labels = labels.clamp(max=V - 1)  # real ids only (the ignored -100 stays)
+    logits[..., V:] = 30.0
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_padding_columns_take_no_part(smoothing, dtype):
+    logits, labels = make_padded(dtype)
+    dloss = torch.randn(labels.shape)
+    rd = ref_dtype(dtype)
+    ref = run_grad(lambda x: cross_entropy_reference(x, labels, smoothing, vocab_size=V), [logits.to(rd)], dloss)
+    tri = run_grad(lambda x: cross_entropy(x, labels, smoothing, backend="triton", vocab_size=V), [logits], dloss)
+    pt = run_grad(lambda x: cross_entropy(x, labels, smoothing, backend="torch", vocab_size=V), [logits], dloss)
+    for out in (tri, pt):
+        assert (out[1][0][..., V:] == 0).all()                    # exactly zero, not just small
+    check_all(["loss", "dlogits"], [tri[0]] + tri[1], [pt[0]] + pt[1], [ref[0]] + ref[1], dtype)
+    unpadded = cross_entropy(logits[..., :V], labels, smoothing, backend="torch")
+    torch.testing.assert_close(pt[0], unpadded, rtol=1e-6, atol=0)  # as if there were no padding
+    # Negative control: the same logits with the padding taking part give another loss.
+    assert (cross_entropy(logits, labels, smoothing, backend="torch") - ref[0].float()).abs().max() > 1
+
+
+def test_padding_with_inplace_backward():
+    logits, labels = make_padded(torch.float32)
+    h_in = logits.clone().requires_grad_()
+    h = h_in * 1.0
+    cross_entropy(h, labels, 0.1, backend="triton", inplace_backward=True, vocab_size=V).sum().backward()
+    want = torch.func.grad(lambda t: cross_entropy_reference(t, labels, 0.1, vocab_size=V).sum())(logits)
+    torch.testing.assert_close(h_in.grad, want, rtol=0, atol=1e-6)
+    assert (h_in.grad[..., V:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_padded_vocab_shards_combine_to_the_unpadded_loss(backend, smoothing):
+    """TP=4 over 512 padded columns with V = 301 real ones: shard 2 is partly padding, shard 3 is only
+    padding (its lse is -inf and it adds nothing)."""
+    logits, labels = make(torch.float32, vocab=512)
+    labels = labels.clamp(max=V - 1)
+    logits[..., V:] = 30.0
+    dloss = torch.randn(labels.shape)
+    bounds = [0, 128, 256, 384, 512]
+    shards = [logits[..., a:b] for a, b in zip(bounds, bounds[1:])]
+    stats = [vocab_shard_stats(s, labels, a, backend=backend, vocab_size=V) for s, a in zip(shards, bounds)]
+    assert torch.isneginf(stats[3].lse).all() and (stats[3].sum_logits == 0).all()
+    m = torch.stack([st.lse for st in stats]).max(0).values
+    lse = m + torch.stack([(st.lse - m).exp() for st in stats]).sum(0).log()
+    target = torch.stack([st.target for st in stats]).sum(0)
+    sums = torch.stack([st.sum_logits for st in stats]).sum(0)
+    loss = loss_from_stats(lse, target, sums, labels, smoothing, V)
+    ref_logits = logits.double().requires_grad_()
+    ref_loss = cross_entropy_reference(ref_logits, labels, smoothing, vocab_size=V)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_logits, dloss.double())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=2e-5)
+    grads = [vocab_shard_grad(s.clone(), labels, a, lse, dloss, V, smoothing, inplace=True, backend=backend)
+             for s, a in zip(shards, bounds)]
+    grad = torch.cat(grads, -1)
+    assert (grad[..., V:] == 0).all()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-6)

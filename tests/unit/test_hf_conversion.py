@@ -98,6 +98,13 @@ def test_exported_logits_match_transformers(tmp_path, style):
         theirs = hf(ids).logits
     assert ours.abs().max() > 1.0  # far from uniform: the comparison means something
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # The padding (84 rows here) takes no part: -inf logits, and the loss is the unpadded HF model's.
+    labels = ids.roll(-1, dims=1)
+    with torch.no_grad():
+        assert torch.isneginf(model(ids)[..., VOCAB:]).all()
+        our_loss = model(ids, labels_bs=labels)
+    hf_loss = torch.nn.functional.cross_entropy(theirs.flatten(0, 1), labels.flatten(), reduction="none")
+    torch.testing.assert_close(our_loss, hf_loss.view(labels.shape), rtol=1e-5, atol=1e-5)
 
 
 def _random_hf_folder(path, style):
