@@ -118,15 +118,12 @@ def test_collectives_per_training_step(results, tp):
     # Replicated parameters whose gradients saw only this rank's tokens (sequence parallelism):
     # all norm weights (+ biases for LayerNorm), row-parallel biases, learned position embeddings.
     sp_params = {"gpt2": L * 2 * 2 * h + 2 * h + L * 2 * h + sh["seq"] * h, "llama": L * 2 * h + h}
-    # The gradient norm's scalar all-reduce runs on the model-parallel group, which is the TP group
-    # itself when PP = 1 (state.py creates one group per rank list).
     for style in STYLES:
         log = results["collectives"][f"model/tp{tp}/{style}/nosp"]
-        assert _counts(log, "step") == {("all_reduce", 1): 1, ("all_reduce", tokens): 3,
-                                        ("all_reduce", T): 4 * L + 2}, style
+        assert _counts(log, "step") == {("all_reduce", tokens): 3, ("all_reduce", T): 4 * L + 2}, style
         log = results["collectives"][f"model/tp{tp}/{style}/sp"]
-        assert _counts(log, "step") == {("all_gather", T): 6 * L + 3, ("all_reduce", 1): 1,
-                                        ("all_reduce", tokens): 3, ("all_reduce", sp_params[style]): 1,
+        assert _counts(log, "step") == {("all_gather", T): 6 * L + 3, ("all_reduce", tokens): 3,
+                                        ("all_reduce", sp_params[style]): 1,
                                         ("reduce_scatter", T): 4 * L + 2}, style
 
 
