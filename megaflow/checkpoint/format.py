@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megaflow.errors import UserError
 from megaflow.layers.sharding import unshard
 
 FORMAT = "megaflow.checkpoint/2"
@@ -52,8 +53,9 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat
                                                       torch.int64, torch.int32, torch.uint8)}
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message names the file."""
+    kind = "checkpoint error"
 
 
 def iteration_dir(root: str, iteration: int) -> str:

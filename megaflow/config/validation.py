@@ -70,6 +70,14 @@ def validate(cfg: Config) -> None:
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     need(cp >= 1, "--context-parallel-size must be >= 1")
+    # The model's own limits on TP first: they hold at any world size, so they are the real problem
+    # when both these and the world-size check below fail.
+    need(m.num_attention_heads % tp == 0,
+         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --tensor-model-parallel-size ({tp})")
+    need(m.num_query_groups % tp == 0,
+         f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    need(m.ffn_hidden_size % tp == 0,
+         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     need(cfg.world_size % (tp * cp * pp) == 0,
          f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size ({tp}) × "
          f"--context-parallel-size ({cp}) × --pipeline-model-parallel-size ({pp})")
@@ -83,12 +91,6 @@ def validate(cfg: Config) -> None:
     # and MoE. Until then refuse a layout that would silently train as plain data parallelism.
     need(cp == 1, "--context-parallel-size > 1 is not supported yet")
     need(ep == 1, "--expert-model-parallel-size > 1 is not supported yet")
-    need(m.num_attention_heads % tp == 0,
-         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --tensor-model-parallel-size ({tp})")
-    need(m.num_query_groups % tp == 0,
-         f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
-    need(m.ffn_hidden_size % tp == 0,
-         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
     need(not p.sequence_parallel or d.seq_length % tp == 0,
