@@ -30,17 +30,19 @@ def main(argv=None) -> int:
                 state.destroy()
                 return report(e)
             raise
-        _distributed_failure(e)  # does not return
+        _distributed_failure(e, quiet=isinstance(e, UserError) and not debug)  # does not return
     state.destroy()
     return 0
 
 
-def _distributed_failure(error: BaseException) -> None:
+def _distributed_failure(error: BaseException, quiet: bool = False) -> None:
     """A rank failed or a collective broke: say which ranks are gone, then exit at once (tearing down
-    a process group whose peers are dead can block, so no barrier and no destructors)."""
+    a process group whose peers are dead can block, so no barrier and no destructors). quiet: a
+    UserError found only once running (its message is the diagnosis), without a traceback."""
     import traceback
     from megaflow.parallel import health
-    traceback.print_exc()
+    if not quiet:
+        traceback.print_exc()
     monitor = health.get()
     what = monitor.diagnose(error) if monitor is not None else f"{type(error).__name__}: {error}"
     print(f"megaflow: {what}", file=sys.stderr, flush=True)

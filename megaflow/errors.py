@@ -14,6 +14,7 @@ once every rank has arrived. This module imports nothing from megaflow: every la
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -129,3 +130,18 @@ def run_tool(main, argv=None, prog: str | None = None) -> int:
         return main(argv)
     except (UserError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         return report(e, prog, debug)
+
+
+@contextlib.contextmanager
+def naming(flag: str, value):
+    """Prefix a UserError raised inside with the flag (and its value) it concerns: the layers below know
+    the file, the tool knows which of its flags named it."""
+    try:
+        yield
+    except (UserError, FileNotFoundError) as e:
+        message = str(e)
+        if message.startswith(flag):
+            raise
+        if message.startswith(f"{value}: "):  # "DIR: no such directory" -> "--load DIR: no such directory"
+            message = message[len(f"{value}: "):]
+        raise type(e)(f"{flag} {value}: {message}") from None

@@ -14,9 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaflow.checkpoint.format import CheckpointError  # noqa: E402
 from megaflow.data.tokenizers import build_tokenizer  # noqa: E402
-from megaflow.errors import UserError, run_tool  # noqa: E402
+from megaflow.errors import UserError, naming, run_tool  # noqa: E402
 from megaflow.inference.generation import generate, load_inference_model  # noqa: E402
 
 
@@ -49,10 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", default=None, help="tokenizer path, if not where the config says")
     args = p.parse_args(argv)
 
-    try:
+    with naming("--load", args.load):
         cfg, model = load_inference_model(args.load, args.iteration)
-    except CheckpointError as e:
-        raise CheckpointError(f"--load {args.load}: {e}") from None
     if args.tokenizer_model:
         cfg.data.tokenizer_model = args.tokenizer_model
     tokenizer = build_tokenizer(cfg.data)

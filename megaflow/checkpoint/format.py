@@ -211,6 +211,8 @@ class CheckpointReader:
     Files are opened lazily and only the pieces asked for are read."""
 
     def __init__(self, root: str, iteration: int | None = None):
+        if not os.path.isdir(root):
+            raise CheckpointError(f"{root}: no such checkpoint directory")
         it = latest_iteration(root) if iteration is None else iteration
         if it is None:
             raise CheckpointError(f"{root}: no {TRACKER} (nothing saved there yet)")

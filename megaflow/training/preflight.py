@@ -145,6 +145,26 @@ def check_load(cfg: Config) -> None:
                               f"{'; '.join(differences)} (checkpoint → flags). Pass the checkpoint's values "
                               f"(all are in {os.path.join(reader.dir, fmt.CONFIG)}), or drop --load to start "
                               "a new model")
+    _check_optimizer(reader, cfg)
+
+
+OPTIMIZER_CLASSES = {"adam": "AdamW", "sgd": "SGD"}  # --optimizer -> the torch class a checkpoint records
+
+
+def _check_optimizer(reader, cfg: Config) -> None:
+    """The optimizer state a resume restores must exist and be of this run's optimizer (load.py's checks,
+    made before the model is built)."""
+    c = cfg.checkpoint
+    if c.finetune or c.no_load_optim:
+        return
+    saved, mine = reader.meta.get("optimizer"), OPTIMIZER_CLASSES.get(cfg.training.optimizer)
+    if saved is None:
+        raise CheckpointError(f"--load {c.load}: saved without optimizer state (weights only, e.g. converted "
+                              "from Hugging Face); add --finetune (weights only, iteration 0) or --no-load-optim")
+    if mine is not None and saved != mine:
+        raise CheckpointError(f"--load {c.load}: holds {saved} optimizer state, this run uses --optimizer "
+                              f"{cfg.training.optimizer} ({mine}); add --no-load-optim, or use the checkpoint's "
+                              "optimizer")
 
 
 def is_hf_folder(path: str) -> bool:

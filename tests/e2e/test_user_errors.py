@@ -3,6 +3,7 @@ status 2, before the argument dump, before any process group or model, and no fi
 
 The entry point's main() runs in this process (a Python start costs seconds here); one torchrun launch
 proves that two ranks print the message once and both leave with status 2."""
+import importlib.util
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from megaflow.__main__ import main
 from megaflow.data.indexed_dataset import IndexedDatasetBuilder
+from megaflow.errors import run_tool
 from tests.launch import ROOT, torchrun
 
 TINY = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
@@ -177,6 +179,11 @@ def test_checkpoint_of_another_model_names_the_fields(capsys, tmp_path, saved, o
           "vocabulary size (--vocab-size or the tokenizer's) 129 → 101", f"{saved}/iter_0000001/config.json")
 
 
+def test_resume_with_another_optimizer(capsys, tmp_path, saved, outputs, no_model):
+    fails(capsys, tmp_path, TINY + outputs + ["--mock-data", "--load", saved, "--optimizer", "sgd"],
+          f"--load {saved}: holds AdamW optimizer state, this run uses --optimizer sgd (SGD); add --no-load-optim")
+
+
 def test_truncated_checkpoint_file(capsys, tmp_path, saved, outputs, no_model):
     import shutil
     copy = tmp_path / "ckpt"
@@ -228,6 +235,27 @@ def test_failed_run_leaves_no_tensorboard_files(tmp_path):
     finally:
         state.destroy()
     assert not os.path.exists(tmp_path / "tb")
+
+
+# -- tools ----------------------------------------------------------------------------------------
+def test_tools_report_one_line_naming_the_flag(capsys, tmp_path):
+    nope, out = tmp_path / "nope", tmp_path / "out"
+    for script, argv, message in (
+            ("tools/checkpoint/convert_to_hf.py", ["--load", nope, "--save", out],
+             f"convert_to_hf.py: checkpoint error: --load {nope}: no such checkpoint directory"),
+            ("tools/checkpoint/reshard.py", ["--load", nope, "--save", out],
+             f"reshard.py: checkpoint error: --load {nope}: no such checkpoint directory"),
+            ("tools/generate.py", ["--load", nope, "--prompt", "x"],
+             f"generate.py: checkpoint error: --load {nope}: no such checkpoint directory"),
+            ("tools/checkpoint/convert_from_hf.py", ["--load", nope, "--save", out],
+             f"convert_from_hf.py: error: --load {nope}: no config.json (not a Hugging Face model folder)")):
+        spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], os.path.join(ROOT, script))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert run_tool(module.main, [str(a) for a in argv], prog=os.path.basename(script)) == 2
+        captured = capsys.readouterr()
+        assert captured.err == message + "\n" and "Traceback" not in captured.out
+        assert not os.path.exists(out)
 
 
 # -- torchrun: printed once ------------------------------------------------------------------------

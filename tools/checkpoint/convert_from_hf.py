@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from megaflow.checkpoint.convert import DTYPES, import_from_hf, training_flags  # noqa: E402
-from megaflow.errors import run_tool  # noqa: E402
+from megaflow.errors import naming, run_tool  # noqa: E402
 
 
 def next_command(cfg, ckpt_dir: str) -> str:
@@ -41,9 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--iteration", type=int, default=0, help="iteration number the checkpoint is saved as")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep)")
     args = p.parse_args(argv)
-    cfg = import_from_hf(args.load, args.save, tp=args.tensor_model_parallel_size,
-                         pp=args.pipeline_model_parallel_size, iteration=args.iteration,
-                         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, dtype=args.dtype)
+    with naming("--load", args.load):
+        cfg = import_from_hf(args.load, args.save, tp=args.tensor_model_parallel_size,
+                             pp=args.pipeline_model_parallel_size, iteration=args.iteration,
+                             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, dtype=args.dtype)
     print(f"wrote {args.save} (TP={args.tensor_model_parallel_size}, PP={args.pipeline_model_parallel_size})")
     print("continue training from it; as printed, a 10-iteration smoke test on mock data (put your --data-path, "
           "--train-iters and --save in place of the last flags):\n  " + next_command(cfg, args.save))
