@@ -110,7 +110,9 @@ def _load_yaml(path: str) -> dict:
         name = str(key).lstrip("-").replace("-", "_")
         hit = _BY_NAME.get(name) or FIELDS.get("--" + str(key).lstrip("-"))
         if hit is None:
-            raise ConfigError(f"--config {path}: unknown setting {key!r}")
+            close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.75)
+            raise ConfigError(f"--config {path}: unknown setting {key!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
         section, f = hit
         v = _coerce(section, f, value, f"--config {path}")
         if f.metadata.get("action") == "store_false" and key.lstrip("-").startswith("disable"):
@@ -186,8 +188,8 @@ def format_config(cfg: Config, full: bool = False) -> str:
         where = [f"{cfg.checkpoint.save}/iter_*/config.json"] if cfg.checkpoint.save else []
         if cfg.logging.tensorboard_dir:
             where.append(f"TensorBoard text 'arguments' in {cfg.logging.tensorboard_dir}")
-        lines.append(f"  ({total - len(shown)} more at their defaults; all settings: "
-                     f"{', '.join(where) if where else 'pretrain_gpt.py --help'})")
+        lines.append(f"  ({total - len(shown)} more at their defaults, which --help lists"
+                     + (f"; all settings: {', '.join(where)})" if where else ")"))
     lines.append("-------------------- end of megaflow arguments ---------------------")
     return "\n".join(lines)
 

@@ -45,8 +45,8 @@ def test_dump_shows_changes_full_set_in_tensorboard_and_resume_names_schedule_ch
     for default in ("adam_beta1", "weight_decay", "tensor_model_parallel_size", "init_method_std", "split"):
         assert default not in names, (default, dump)
     assert any(line.strip().startswith(f"lr {'.' * 10}") and line.endswith(" 0.001") for line in dump)
-    assert dump[-1].strip().startswith("(") and "more at their defaults; all settings: " \
-        f"{ckpt}/iter_*/config.json, TensorBoard text 'arguments' in {tb}" in dump[-1]
+    assert dump[-1].strip().startswith("(") and "more at their defaults, which --help lists; all settings: " \
+        f"{ckpt}/iter_*/config.json, TensorBoard text 'arguments' in {tb})" in dump[-1]
     events = glob.glob(str(tb / "events.out.tfevents.*"))
     assert len(events) == 1
     with open(events[0], "rb") as fh:

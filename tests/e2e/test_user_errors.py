@@ -209,6 +209,9 @@ def test_unknown_flags_and_bad_values(capsys, tmp_path, outputs, no_model):
           "argument --num-layers: invalid int value: 'two'")
     fails(capsys, tmp_path, TINY + outputs + ["--mock-data", "--lr-decay-style", "cosin"],
           "argument --lr-decay-style: invalid choice: 'cosin'")
+    (tmp_path / "run.yaml").write_text("model:\n  num_layer: 2\n")
+    fails(capsys, tmp_path, TINY + outputs + ["--mock-data", "--config", tmp_path / "run.yaml"],
+          f"--config {tmp_path / 'run.yaml'}: unknown setting 'num_layer' (did you mean 'num_layers'?)")
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch, no_model):
