@@ -144,4 +144,4 @@ def naming(flag: str, value):
             raise
         if message.startswith(f"{value}: "):  # "DIR: no such directory" -> "--load DIR: no such directory"
             message = message[len(f"{value}: "):]
-        raise type(e)(f"{flag} {value}: {message}") from None
+        raise type(e)(f"{flag} {value}: {message}") from e  # the chain shows with --debug

@@ -267,9 +267,9 @@ def test_message_printed_once_under_torchrun(tmp_path):
     proc = torchrun(os.path.join(ROOT, "pretrain_gpt.py"), 2, TINY + ["--data-path", prefix], check=False,
                     timeout=120)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("megaflow")]
-    assert ours == [f"megaflow: data error: --data-path {prefix}: {prefix}.idx and {prefix}.bin not found; "
-                    "create it with tools/preprocess_data.py --input CORPUS.jsonl --output-prefix ... (docs/data.md)"], \
-        proc.stderr
+    expected = (f"megaflow: data error: --data-path {prefix}: {prefix}.idx and {prefix}.bin not found; create it "
+                "with tools/preprocess_data.py --input CORPUS.jsonl --output-prefix ... (docs/data.md)")
+    assert ours == [expected], proc.stderr
     assert proc.returncode != 0
     # torchrun's failure summary lists each worker's status: both left with 2, none was killed.
     assert re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, re.MULTILINE) == ["2", "2"], proc.stderr
