@@ -80,7 +80,8 @@ def validate(cfg: Config) -> None:
          f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     need(cfg.world_size % (tp * cp * pp) == 0,
          f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size ({tp}) × "
-         f"--context-parallel-size ({cp}) × --pipeline-model-parallel-size ({pp})")
+         + (f"--context-parallel-size ({cp}) × " if cp > 1 else "")
+         + f"--pipeline-model-parallel-size ({pp}) (torchrun's --nnodes × --nproc-per-node)")
     cfg.data_parallel_size = dp = cfg.world_size // (tp * cp * pp)
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
     need(ep >= 1 and etp >= 1, "--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")
