@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megaflow.__main__ import main
 from megaflow.data.indexed_dataset import IndexedDatasetBuilder
 from megaflow.errors import run_tool
+from megaflow.training import preflight  # noqa: F401  imported here: the time limit below is the checks'
 from tests.launch import ROOT, torchrun
 
 TINY = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--num-layers", "1", "--hidden-size", "32",
