@@ -71,6 +71,10 @@ def record_sleep_timeline(out_dir, pp, v, m, t_forward=0.02, t_backward=0.04, it
 
 
 def main():
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:  # plain python: one process cannot be a pipeline
+        print("bench/pipeline_bubble.py needs torchrun, one process per pipeline stage: torchrun "
+              "--nproc-per-node 4 bench/pipeline_bubble.py --out runs/bubble", file=sys.stderr)
+        sys.exit(2)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--microbatches", type=int, default=8)

@@ -4,15 +4,19 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megaflow.config import ConfigError, parse_args
+    from megaflow.config import parse_args
+    from megaflow.errors import UserError, debug_requested, report
     from megaflow.parallel import state
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_requested(argv)
     try:
         cfg = parse_args(argv)  # fails on bad flags before any process group exists
-    except ConfigError as e:
-        print(f"megaflow: configuration error: {e}", file=sys.stderr)
-        return 2
-    if cfg.training.dry_run:
-        return _dry_run(cfg)
+        if cfg.training.dry_run:
+            return _dry_run(cfg)
+        from megaflow.training.preflight import check
+        check(cfg)  # data, tokenizer and --load files: before the argument dump and before any model
+    except UserError as e:  # every rank fails alike: rank 0 prints, the others leave with its status
+        return report(e, debug=debug)
     from megaflow.training.trainer import TrainingError, pretrain
     try:
         pretrain(cfg)
@@ -22,18 +26,23 @@ def main(argv=None) -> int:
         return 1
     except Exception as e:
         if state.get().world_size == 1:
+            if isinstance(e, UserError) and not debug:  # a file found broken only when read
+                state.destroy()
+                return report(e)
             raise
-        _distributed_failure(e)  # does not return
+        _distributed_failure(e, quiet=isinstance(e, UserError) and not debug)  # does not return
     state.destroy()
     return 0
 
 
-def _distributed_failure(error: BaseException) -> None:
+def _distributed_failure(error: BaseException, quiet: bool = False) -> None:
     """A rank failed or a collective broke: say which ranks are gone, then exit at once (tearing down
-    a process group whose peers are dead can block, so no barrier and no destructors)."""
+    a process group whose peers are dead can block, so no barrier and no destructors). quiet: a
+    UserError found only once running (its message is the diagnosis), without a traceback."""
     import traceback
     from megaflow.parallel import health
-    traceback.print_exc()
+    if not quiet:
+        traceback.print_exc()
     monitor = health.get()
     what = monitor.diagnose(error) if monitor is not None else f"{type(error).__name__}: {error}"
     print(f"megaflow: {what}", file=sys.stderr, flush=True)
@@ -44,13 +53,8 @@ def _distributed_failure(error: BaseException) -> None:
 
 
 def _dry_run(cfg) -> int:
-    from megaflow.config import ConfigError
     from megaflow.training.dry_run import dry_run
-    try:
-        report = dry_run(cfg)
-    except ConfigError as e:
-        print(f"megaflow: configuration error: {e}", file=sys.stderr)
-        return 2
+    report = dry_run(cfg)  # a ConfigError goes to main's handler
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank checks, rank 0 prints
         print(report)
     return 0

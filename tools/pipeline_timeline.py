@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from megaflow.errors import run_tool  # noqa: E402
 from megaflow.pipeline import timeline  # noqa: E402
 
 FORWARD_COLOURS = [(66, 133, 244), (25, 80, 170), (120, 170, 250), (10, 50, 120)]
@@ -116,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

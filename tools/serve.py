@@ -15,6 +15,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megaflow.errors import naming, run_tool  # noqa: E402
 from megaflow.serving.server import VLLMServer  # noqa: E402
 
 
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="megaflow-serve-")
         model_dir = args.export_dir or tmp.name
         export_dtype = args.dtype if args.dtype not in (None, "auto") else "float32"
-        export_to_hf(args.load, model_dir, args.iteration, dtype=export_dtype)
+        with naming("--load", args.load):
+            export_to_hf(args.load, model_dir, args.iteration, dtype=export_dtype)
         print(f"exported {args.load} to {model_dir}", flush=True)
     server = VLLMServer(model_dir, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
                         served_model_name=args.served_model_name, dtype=args.dtype,
@@ -71,4 +73,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megaflow.errors import UserError
 from megaflow.layers.sharding import unshard
 
 FORMAT = "megaflow.checkpoint/2"
@@ -52,8 +53,9 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat
                                                       torch.int64, torch.int32, torch.uint8)}
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message names the file."""
+    kind = "checkpoint error"
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -209,6 +211,8 @@ class CheckpointReader:
     Files are opened lazily and only the pieces asked for are read."""
 
     def __init__(self, root: str, iteration: int | None = None):
+        if not os.path.isdir(root):
+            raise CheckpointError(f"{root}: no such checkpoint directory")
         it = latest_iteration(root) if iteration is None else iteration
         if it is None:
             raise CheckpointError(f"{root}: no {TRACKER} (nothing saved there yet)")

@@ -24,14 +24,16 @@ import torch
 
 from megaflow.checkpoint.full_state import pad_rows
 from megaflow.config import Config, config_from_kwargs, set_vocab_size
+from megaflow.errors import UserError
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE frequencies).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The model cannot be expressed in the other format; the message says which feature."""
+    kind = "conversion error"
 
 
 def _head_dim(m) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from dataclasses import fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -37,11 +38,21 @@ def _scalar_type(section: str, f) -> type:
     return hint
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting: one message, the entry
+    point's, for every command-line mistake."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pretrain_gpt.py", description="megaflow GPT pretraining (Megatron-LM flag names)",
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also MEGAFLOW_DEBUG=1)")
     for flag, (section, f) in FIELDS.items():
         help_text = (f.metadata.get("help") or "").replace("%", "%%")  # argparse formats help with %
         action, kw = f.metadata.get("action"), {"help": help_text, "dest": f"{section}.{f.name}"}
@@ -99,7 +110,9 @@ def _load_yaml(path: str) -> dict:
         name = str(key).lstrip("-").replace("-", "_")
         hit = _BY_NAME.get(name) or FIELDS.get("--" + str(key).lstrip("-"))
         if hit is None:
-            raise ConfigError(f"--config {path}: unknown setting {key!r}")
+            close = difflib.get_close_matches(name, list(_BY_NAME), n=1, cutoff=0.75)
+            raise ConfigError(f"--config {path}: unknown setting {key!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
         section, f = hit
         v = _coerce(section, f, value, f"--config {path}")
         if f.metadata.get("action") == "store_false" and key.lstrip("-").startswith("disable"):
@@ -113,15 +126,10 @@ def parse_args(argv=None, world_size: Optional[int] = None, check: bool = True) 
     check=False fills the derived fields but leaves validation to the caller (the run planner, which
     validates each layout it tries)."""
     parser = build_parser()
-    try:
-        ns, unknown = parser.parse_known_args(argv)
-    except SystemExit as e:
-        if e.code in (0, None):  # --help
-            raise
-        raise ConfigError("invalid command line (argparse printed the flag and the problem above)") from e
+    ns, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see --help)")
-    given = {tuple(k.split(".", 1)): v for k, v in vars(ns).items() if k != "config"}
+        raise ConfigError(unknown_flags_message(unknown, parser))
+    given = {tuple(k.split(".", 1)): v for k, v in vars(ns).items() if k not in ("config", "debug")}
     settings = _load_yaml(ns.config) if getattr(ns, "config", None) else {}
     settings.update(given)
     cfg = Config()
@@ -130,13 +138,58 @@ def parse_args(argv=None, world_size: Optional[int] = None, check: bool = True) 
     return finalize(cfg, world_size=world_size, check=check)
 
 
-def format_config(cfg: Config) -> str:
-    """The resolved configuration, one `name ....... value` line per field, as Megatron prints it."""
-    lines = ["------------------------ megaflow arguments ------------------------"]
+def unknown_flags_message(unknown: list, parser: argparse.ArgumentParser) -> str:
+    """`unknown flag --num-layer (did you mean --num-layers?)`, for every unknown flag given."""
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(unknown)}: every setting is a --flag VALUE pair (see --help)"
+    parts = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    return (f"unknown flag{'s' if len(parts) > 1 else ''} {', '.join(parts)}; `pretrain_gpt.py --help` lists "
+            "every flag, docs/migrating.md the Megatron-LM flags megaflow does not have")
+
+
+def _default_config(cfg: Config) -> Config:
+    """What the same model style resolves to with no other setting: the reference of the argument dump."""
+    ref = Config()
+    ref.model.model_style = cfg.model.model_style
+    return finalize(ref, world_size=1, check=False)
+
+
+def changed_settings(cfg: Config) -> list:
+    """[(section, name, value)] of every field whose value differs from the default."""
+    ref = _default_config(cfg)
+    out = []
     for section in SECTIONS:
-        for name, value in sorted(dataclasses.asdict(getattr(cfg, section)).items()):
-            lines.append(f"  {name} {'.' * max(1, 48 - len(name))} {value}")
+        mine, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(ref, section))
+        out += [(section, name, value) for name, value in sorted(mine.items()) if value != theirs[name]]
+    return out
+
+
+def format_config(cfg: Config, full: bool = False) -> str:
+    """The configuration as Megatron prints it, one `name ....... value` line per field. By default only
+    the fields that differ from their defaults (the full set is in every checkpoint's config.json and in
+    TensorBoard's `arguments` text); full=True lists all of them."""
+    lines = ["------------------------ megaflow arguments ------------------------"]
+    if full:
+        shown = [(s, n, v) for s in SECTIONS for n, v in sorted(dataclasses.asdict(getattr(cfg, s)).items())]
+    else:
+        shown = changed_settings(cfg)
+    for _section, name, value in shown:
+        lines.append(f"  {name} {'.' * max(1, 48 - len(name))} {value}")
     lines.append(f"  world_size / data_parallel_size {'.' * 17} {cfg.world_size} / {cfg.data_parallel_size}")
+    if cfg.padded_vocab_size is not None:
+        lines.append(f"  vocab_size / padded_vocab_size {'.' * 18} {cfg.vocab_size} / {cfg.padded_vocab_size}")
+    if not full:
+        total = sum(len(dataclasses.fields(k)) for k in SECTIONS.values())
+        where = [f"{cfg.checkpoint.save}/iter_*/config.json"] if cfg.checkpoint.save else []
+        if cfg.logging.tensorboard_dir:
+            where.append(f"TensorBoard text 'arguments' in {cfg.logging.tensorboard_dir}")
+        lines.append(f"  ({total - len(shown)} more at their defaults, which --help lists"
+                     + (f"; all settings: {', '.join(where)})" if where else ")"))
     lines.append("-------------------- end of megaflow arguments ---------------------")
     return "\n".join(lines)
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from dataclasses import field
 
+from megaflow.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the flag."""
+    kind = "configuration error"
 
 
 def _f(default=None, help="", flag=None, choices=None, action=None, **kw):

@@ -70,10 +70,18 @@ def validate(cfg: Config) -> None:
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     need(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     need(cp >= 1, "--context-parallel-size must be >= 1")
-    cp_term = f"--context-parallel-size ({cp}) × " if cp > 1 else ""
+    # The model's own limits on TP first: they hold at any world size, so they are the real problem
+    # when both these and the world-size check below fail.
+    need(m.num_attention_heads % tp == 0,
+         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --tensor-model-parallel-size ({tp})")
+    need(m.num_query_groups % tp == 0,
+         f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
+    need(m.ffn_hidden_size % tp == 0,
+         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     need(cfg.world_size % (tp * cp * pp) == 0,
          f"world size {cfg.world_size} is not divisible by --tensor-model-parallel-size ({tp}) × "
-         f"{cp_term}--pipeline-model-parallel-size ({pp})")
+         + (f"--context-parallel-size ({cp}) × " if cp > 1 else "")
+         + f"--pipeline-model-parallel-size ({pp}) (torchrun's --nnodes × --nproc-per-node)")
     cfg.data_parallel_size = dp = cfg.world_size // (tp * cp * pp)
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
     need(ep >= 1 and etp >= 1, "--expert-model-parallel-size and --expert-tensor-parallel-size must be >= 1")
@@ -84,12 +92,6 @@ def validate(cfg: Config) -> None:
     # and MoE. Until then refuse a layout that would silently train as plain data parallelism.
     need(cp == 1, "--context-parallel-size > 1 is not supported yet")
     need(ep == 1, "--expert-model-parallel-size > 1 is not supported yet")
-    need(m.num_attention_heads % tp == 0,
-         f"--num-attention-heads ({m.num_attention_heads}) must be divisible by --tensor-model-parallel-size ({tp})")
-    need(m.num_query_groups % tp == 0,
-         f"--num-query-groups ({m.num_query_groups}) must be divisible by --tensor-model-parallel-size ({tp})")
-    need(m.ffn_hidden_size % tp == 0,
-         f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})")
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
     need(not p.sequence_parallel or d.seq_length % tp == 0,
@@ -109,6 +111,7 @@ def validate(cfg: Config) -> None:
          "give --lr-warmup-iters or --lr-warmup-fraction, not both")
     need(t.early_stopping_patience is None or t.early_stopping_patience > 0,
          "--early-stopping-patience must be positive")
+    need(0.0 <= m.label_smoothing < 1.0, f"--label-smoothing ({m.label_smoothing}) must be in [0, 1)")
     need(t.spiky_loss_factor > 0, "--spiky-loss-factor must be positive")
     need(t.early_stopping_patience is None or t.eval_interval,
          "--early-stopping-patience needs --eval-interval")

@@ -45,17 +45,36 @@ def bin_path(prefix: str) -> str:
 
 
 def read_header(path: str):
-    """(dtype, sequence_count, document_count) of an .idx file; errors name the file."""
+    """(dtype, sequence_count, document_count) of an .idx file; errors name the file and say what was
+    expected and what was found."""
     with open(path, "rb") as fh:
         head = fh.read(HEADER_SIZE)
-    if len(head) < HEADER_SIZE or head[:9] != MAGIC:
-        raise ValueError(f"{path}: not an MMIDIDX index file (bad magic)")
+    if not head:
+        raise ValueError(f"{path}: empty file (0 bytes); expected an MMIDIDX index (a {HEADER_SIZE}-byte header, "
+                         "then the sequence table): an interrupted preprocessing run?")
+    if not MAGIC.startswith(head[:len(MAGIC)]):
+        raise ValueError(f"{path}: not an MMIDIDX index file (bad magic): expected the bytes {MAGIC!r} that "
+                         f"Megatron's and megaflow's preprocessors write, found {head[:len(MAGIC)]!r}"
+                         f"{_looks_like(head)}")
+    if len(head) < HEADER_SIZE:
+        raise ValueError(f"{path}: truncated: {len(head)} bytes, expected at least the {HEADER_SIZE}-byte header")
     version, code, n, d = struct.unpack("<QBQQ", head[9:])
     if version != VERSION:
-        raise ValueError(f"{path}: unsupported index version {version} (only {VERSION} is known)")
+        raise ValueError(f"{path}: unsupported index version {version} (expected {VERSION})")
     if code not in DTYPES:
-        raise ValueError(f"{path}: unknown dtype code {code}")
+        raise ValueError(f"{path}: unknown dtype code {code} (expected one of {sorted(DTYPES)})")
     return np.dtype(DTYPES[code]), n, d
+
+
+def _looks_like(head: bytes) -> str:
+    """A hint for files often passed by mistake in place of an .idx."""
+    if head.startswith(b"\x93NUMPY"):
+        return " (a numpy .npy file)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return " (JSON text: the input corpus, not the preprocessed index?)"
+    if head.startswith(b"TNTIDX"):
+        return " (the legacy Megatron 'lazy'/'cached' index format: re-run the preprocessor)"
+    return ""
 
 
 class IndexedDataset:
@@ -71,7 +90,8 @@ class IndexedDataset:
         expected = HEADER_SIZE + 12 * n + 8 * d + (n if multimodal else 0)
         size = os.path.getsize(idx_path(prefix))
         if size < expected:
-            raise ValueError(f"{idx_path(prefix)}: truncated ({size} bytes, header promises {expected})")
+            raise ValueError(f"{idx_path(prefix)}: truncated: the header promises {n} sequences and {d} document "
+                             f"boundaries ({expected} bytes), the file has {size} bytes")
         self._idx = np.memmap(idx_path(prefix), mode="r", dtype=np.uint8)
         off = HEADER_SIZE
         self.sequence_lengths = np.frombuffer(self._idx, np.int32, n, off)
@@ -81,6 +101,10 @@ class IndexedDataset:
         if d == 0 or self.document_indices[-1] != n:
             raise ValueError(f"{idx_path(prefix)}: document indices do not end at the sequence count {n}")
         bsize = os.path.getsize(bin_path(prefix))
+        needed = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n else 0
+        if bsize < needed:
+            raise ValueError(f"{bin_path(prefix)}: truncated: {idx_path(prefix)} indexes {needed} bytes of tokens, "
+                             f"the file has {bsize} bytes")
         # An empty .bin cannot be memory-mapped; keep an empty buffer instead.
         self._bin = np.memmap(bin_path(prefix), mode="r", dtype=np.uint8) if bsize else np.zeros(0, np.uint8)
 

@@ -27,6 +27,8 @@ import os
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
+from megaflow.errors import UserError
+
 TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer",
                    "GPTSentencePieceTokenizer", "Llama2Tokenizer", "GPT2BPETokenizer")
 
@@ -34,8 +36,9 @@ TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer", "SentencePieceTokeni
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "<EOD>", "<eod>", "[SEP]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer cannot be built; the message names the flag or file."""
+    kind = "tokenizer error"
 
 
 class BaseTokenizer:
@@ -142,8 +145,11 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def __init__(self, model_file: str):
         import sentencepiece as spm
-        if not model_file or not os.path.isfile(model_file):
-            raise TokenizerError(f"SentencePieceTokenizer needs --tokenizer-model FILE.model, got {model_file!r}")
+        if not model_file:
+            raise TokenizerError("SentencePieceTokenizer needs --tokenizer-model FILE.model")
+        if not os.path.isfile(model_file):
+            raise TokenizerError(f"--tokenizer-model {model_file}: no such file (SentencePieceTokenizer reads the "
+                                 "tokenizer's .model file; downloads are not supported)")
         self.path = model_file
         self._sp = spm.SentencePieceProcessor(model_file=model_file)
         self.eod = self._sp.eos_id()
@@ -179,7 +185,8 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
         for flag, p in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not p or not os.path.isfile(p):
-                raise TokenizerError(f"GPT2BPETokenizer needs {flag} (a local file), got {p!r}")
+                raise TokenizerError(f"{flag} {p}: no such file (GPT2BPETokenizer reads --vocab-file vocab.json "
+                                     "and --merge-file merges.txt)" if p else f"GPT2BPETokenizer needs {flag}")
         self.path = vocab_file
         tok = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

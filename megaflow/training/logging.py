@@ -59,16 +59,26 @@ def validation_line(it: int, loss: float, label: str = "validation") -> str:
 
 
 class TensorBoardLogger:
-    """SummaryWriter on the logging rank only; a no-op elsewhere or without --tensorboard-dir."""
+    """SummaryWriter on the logging rank only; a no-op elsewhere or without --tensorboard-dir. The writer
+    (and its event file) is created at the first scalar, so a run that fails before logging anything
+    leaves no empty event files. `arguments` (the full configuration) is written then as text, as
+    Megatron-LM records its arguments."""
 
-    def __init__(self, log_dir: str | None):
+    def __init__(self, log_dir: str | None, arguments: str | None = None):
         self.writer = None
-        if log_dir and is_logging_rank():
+        self.log_dir = log_dir if log_dir and is_logging_rank() else None
+        self.arguments = arguments
+
+    def _open(self):
+        if self.writer is None and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=log_dir, max_queue=1000)
+            self.writer = SummaryWriter(log_dir=self.log_dir, max_queue=1000)
+            if self.arguments:  # indented: TensorBoard renders text as Markdown
+                self.writer.add_text("arguments", "\n".join("    " + line for line in self.arguments.splitlines()))
+        return self.writer
 
     def scalars(self, it: int, values: dict) -> None:
-        if self.writer is None:
+        if self._open() is None:
             return
         for name, value in values.items():
             if value is not None:

@@ -24,6 +24,7 @@ from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.training import logging as log
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
+from megaflow.training.preflight import schedule_changes
 from megaflow.training.step import evaluate, train_step
 
 
@@ -116,7 +117,7 @@ class _Trainer:
         self.reseed = False
         rng_state = self._load() if c.load else None
         self.start_iteration = self.result.iteration
-        self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
+        self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir, arguments=format_config(cfg, full=True))
         self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
                                          meta={"num_microbatches": self.num_microbatches})
         self._build_data()
@@ -149,6 +150,9 @@ class _Trainer:
                 log.print_rank_0(f"WARNING: --global-batch-size {t.global_batch_size} differs from the checkpoint's "
                                  f"{saved_gbs}: training continues after sample {info['consumed_samples']} (none "
                                  "repeated or skipped), but iteration numbers no longer match samples as before")
+            changes = schedule_changes(info["config"], self.cfg)
+            if changes:
+                log.print_rank_0(f"NOTE: {changes}")
         if info["rng_note"]:
             self.reseed = True
             log.print_rank_0(f"RNG state not restored ({info['rng_note']}); re-seeded with "

@@ -64,9 +64,12 @@ def test_hf_folder_converts_back_and_finetunes(trained, tmp_path):
     run_tool("checkpoint/convert_to_hf.py", "--load", trained / "llama", "--save", hf_dir)
     out = run_tool("checkpoint/convert_from_hf.py", "--load", hf_dir, "--save", ckpt,
                    "--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1)
-    command = next(line for line in out.splitlines() if "pretrain_gpt.py" in line)
-    flags = shlex.split(command.split("pretrain_gpt.py", 1)[1].replace(" ...", ""))
-    assert flags[-3:] == ["--load", str(ckpt), "--finetune"]
+    command = shlex.split(next(line for line in out.splitlines() if "pretrain_gpt.py" in line))
+    assert command[:2] == ["python", "pretrain_gpt.py"]  # TP = PP = 1: one process, no torchrun
+    flags = command[2:]
+    smoke = ["--mock-data", "--seq-length", "128", "--micro-batch-size", "1", "--train-iters", "10"]
+    assert flags[-3 - len(smoke):] == ["--load", str(ckpt), "--finetune"] + smoke
+    flags = flags[:-len(smoke)]  # _first_loss brings its own data and iteration flags
     assert "HuggingFaceTokenizer" in flags  # the exported tokenizer.json stands in for NullTokenizer
     converted = _first_loss(*flags)
     original = _first_loss("--load", trained / "llama", "--finetune", "--tokenizer-type", "NullTokenizer",

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megaflow.checkpoint.convert import DTYPES, export_to_hf  # noqa: E402
 from megaflow.checkpoint.hf_folder import parse_size  # noqa: E402
+from megaflow.errors import naming, run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,11 +28,12 @@ def main(argv=None) -> int:
                    help="tokenizer file/folder to export, if not where the checkpoint's config says")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     args = p.parse_args(argv)
-    config = export_to_hf(args.load, args.save, args.iteration, DTYPES[args.dtype], parse_size(args.max_shard_size),
-                          args.tokenizer_model, tokenizer=not args.no_tokenizer)
+    with naming("--load", args.load):
+        config = export_to_hf(args.load, args.save, args.iteration, DTYPES[args.dtype],
+                              parse_size(args.max_shard_size), args.tokenizer_model, tokenizer=not args.no_tokenizer)
     print(f"exported {config['architectures'][0]} ({args.dtype}) to {args.save}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -15,6 +15,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 
 from megaflow.checkpoint.format import DTYPES, CheckpointReader  # noqa: E402
+from megaflow.errors import naming, run_tool  # noqa: E402
 
 _SIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
@@ -79,10 +80,11 @@ def main(argv=None) -> int:
     p.add_argument("--iteration", type=int, default=None, help="iteration to describe (default: the latest)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     args = p.parse_args(argv)
-    d = describe(args.load, args.iteration)
+    with naming("--load", args.load):
+        d = describe(args.load, args.iteration)
     print(json.dumps(d, indent=1) if args.json else render(d))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

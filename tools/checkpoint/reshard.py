@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megaflow.checkpoint.reshard import reshard  # noqa: E402
+from megaflow.errors import naming, run_tool  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,8 +30,9 @@ def main(argv=None) -> int:
                    help="split the optimizer state for this many DP ranks (with --use-distributed-optimizer)")
     p.add_argument("--use-distributed-optimizer", action="store_true", help="write ZeRO optimizer shards")
     args = p.parse_args(argv)
-    cfg = reshard(args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.data_parallel_size, args.use_distributed_optimizer, args.iteration)
+    with naming("--load", args.load):
+        cfg = reshard(args.load, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                      args.data_parallel_size, args.use_distributed_optimizer, args.iteration)
     print(f"wrote {args.save} at TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
           f"DP={args.data_parallel_size}{' (distributed optimizer)' if args.use_distributed_optimizer else ''}, "
           f"padded vocabulary {cfg.padded_vocab_size}")
@@ -38,4 +40,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
