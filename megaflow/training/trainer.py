@@ -25,6 +25,7 @@ from megaflow.training import logging as log
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
 from megaflow.training.step import evaluate, train_step
+from megaflow.training.wandb_writer import ScalarWriters
 
 
 class TrainingError(RuntimeError):
@@ -116,7 +117,7 @@ class _Trainer:
         self.reseed = False
         rng_state = self._load() if c.load else None
         self.start_iteration = self.result.iteration
-        self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir)
+        self.tb = ScalarWriters(cfg)  # TensorBoard and W&B
         self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
                                          meta={"num_microbatches": self.num_microbatches})
         self._build_data()
