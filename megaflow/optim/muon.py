@@ -98,7 +98,7 @@ def owned_pieces(muon_params: set, owner: dict | None):
 class MuonWithAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose 2-D layer weights are updated by Muon instead. Its tensors are the pieces'
     fp32 main tensors (flat); `piece_of` maps each to its optimizer piece (parameter, global name), and
-    Muon pieces are always a whole (TP-shard of a) parameter. Muon state: 'momentum_buffer'."""
+    Muon pieces are always a whole (TP-shard of a) parameter. Muon state: 'momentum_buffer', 'step'."""
 
     def __init__(self, params, *, piece_of: dict, muon_params: list, owner: dict | None, muon: dict, **adamw):
         super().__init__(params, **adamw)
@@ -129,9 +129,12 @@ class MuonWithAdamW(torch.optim.AdamW):
         pc = self.piece_of[id(t)]
         p, cfg = pc.param, self.muon
         grad = t.grad.view(p.shape)
-        buf = self.state[t].get("momentum_buffer")
-        if buf is None:
-            buf = self.state[t]["momentum_buffer"] = torch.zeros_like(t)
+        st = self.state[t]
+        if "momentum_buffer" not in st:
+            # A step count too: Adam's state handling (load_state_dict) expects one in every state.
+            st["step"], st["momentum_buffer"] = torch.tensor(0.0), torch.zeros_like(t)
+        st["step"] += 1
+        buf = st["momentum_buffer"]
         mu = cfg["momentum"]
         buf.lerp_(t.grad, 1 - mu)
         update = grad.lerp(buf.view(p.shape), mu) if cfg["nesterov"] else buf.view(p.shape)

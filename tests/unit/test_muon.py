@@ -45,7 +45,7 @@ def test_muon_equals_torch_muon_plus_adamw(fake_dp, style):  # noqa: F811
             torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=n)
     states = {pc.name: s for pc, s in opt.piece_states()}
     qkv = "layers.0.self_attention.linear_qkv.weight"
-    assert set(states[qkv]) == {"momentum_buffer"}
+    assert set(states[qkv]) == {"momentum_buffer", "step"} and states[qkv]["step"].item() == 4
     torch.testing.assert_close(states[qkv]["momentum_buffer"].view(-1),
                                ref_muon.state[dict(named)[qkv]]["momentum_buffer"].view(-1))
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(states["word_embeddings.weight"])
