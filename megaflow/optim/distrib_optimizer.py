@@ -147,7 +147,9 @@ class MegaflowOptimizer:
         owned = sum(pc.hi - pc.lo for pc in self.pieces)
         main = sum(pc.main.numel() * 4 for pc in self.pieces if pc.main is not pc.model)
         opt = self.optimizer
-        if isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
+        if hasattr(opt, "state_bytes"):                        # optim/muon.py: Muon and AdamW pieces
+            state = opt.state_bytes(self.pieces)
+        elif isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
             state = owned * 8 + len(self.pieces) * 4         # exp_avg, exp_avg_sq; a float32 step each
         elif isinstance(opt, torch.optim.SGD) and any(g.get("momentum", 0) for g in opt.param_groups):
             state = owned * 4                                 # momentum buffer

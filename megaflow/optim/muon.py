@@ -106,6 +106,11 @@ class MuonWithAdamW(torch.optim.AdamW):
         self.muon_params, self.owner, self.muon = muon_params, owner, muon
         self.muon_set = set(muon_params)
 
+    def state_bytes(self, pieces) -> int:
+        """Bytes of optimizer state for these pieces: a momentum buffer for Muon's, Adam's two moments
+        for the others, and a float32 step each."""
+        return sum((pc.hi - pc.lo) * (4 if pc.param in self.muon_set else 8) + 4 for pc in pieces)
+
     @torch.no_grad()
     def step(self, closure=None):
         muon_set = self.muon_set

@@ -49,6 +49,7 @@ def test_muon_equals_torch_muon_plus_adamw(fake_dp, style):  # noqa: F811
     torch.testing.assert_close(states[qkv]["momentum_buffer"].view(-1),
                                ref_muon.state[dict(named)[qkv]]["momentum_buffer"].view(-1))
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(states["word_embeddings.weight"])
+    assert opt.memory_bytes()["optimizer_state"] == opt.measured_state_bytes()   # exact once state exists
 
 
 def test_newton_schulz_orthogonalises_and_scales():
