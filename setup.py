@@ -45,9 +45,10 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1"],
+        "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1", "wandb"],
         "triton": ["triton"],
         "hf": ["transformers"],
+        "wandb": ["wandb"],  # --wandb-project (imported only then)
         # vLLM (its CPU wheel; `vllm` on GPUs). It pins its own transformers/numpy and, on CPU, pulls
         # CUDA builds of torchvision/torchaudio that break imports, so it belongs in an environment of
         # its own: `python -m megaflow.serving.vllm_env` creates one and installs this extra's packages.

@@ -36,20 +36,43 @@ def main(argv=None) -> int:
 
 
 def _distributed_failure(error: BaseException, quiet: bool = False) -> None:
-    """A rank failed or a collective broke: say which ranks are gone, then exit at once (tearing down
-    a process group whose peers are dead can block, so no barrier and no destructors). quiet: a
-    UserError found only once running (its message is the diagnosis), without a traceback."""
+    """A rank failed or a collective broke: say which ranks are gone (first), leave a failure record for
+    an automatic restart (training/restart.py), then exit at once (tearing down a process group whose
+    peers are dead can block, so no barrier and no destructors). A rank whose own code failed (not a
+    collective) exits without waiting: its peers, blocked in their next collective, notice at once.
+    quiet: a UserError found only once running (its message is the diagnosis), without a traceback."""
     import traceback
-    from megaflow.parallel import health
+    from megaflow.parallel import health, state
+    from megaflow.training import restart
+    monitor = health.get()
+    collective = _is_collective_failure(error)
+    if monitor is not None and collective:
+        what = monitor.diagnose(error)
+    else:
+        if monitor is not None:
+            monitor.record_exit(error)
+        what = f"rank {state.get().rank} failed: {type(error).__name__}: {error}"
+    print(f"megaflow: {what}", file=sys.stderr, flush=True)
     if not quiet:
         traceback.print_exc()
-    monitor = health.get()
-    what = monitor.diagnose(error) if monitor is not None else f"{type(error).__name__}: {error}"
-    print(f"megaflow: {what}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if monitor is not None:
+    sys.stderr.flush()
+    restart.write_failure_record(state.get().rank, monitor.last_iteration + 1 if monitor else None, error,
+                                 what if collective else "")
+    if monitor is not None and collective:
         monitor.linger()
     os._exit(1)
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    """Did a collective or a peer connection fail (rather than this rank's own code)?"""
+    import torch.distributed as dist
+    from megaflow.parallel import flight_recorder
+    if flight_recorder.get().in_flight is not None or isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = f"{type(error).__name__} {error}".lower()
+    return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket",
+                                   "store", "closed"))
 
 
 def _dry_run(cfg) -> int:

@@ -83,14 +83,18 @@ def _load_optimizer(reader, optimizer, load_state: bool) -> None:
         if pc.main is not pc.model:
             s["main_param"] = _local(reader, _weights_key(reader, pc.name), pc.param).reshape(-1)[pc.lo:pc.hi].float()
         if load_state:
+            # Kinds exist per parameter: Muon's weights have a momentum buffer, the others Adam's moments
+            # and step (optim/muon.py), so a parameter takes the kinds saved for it.
             for k in kinds:
-                if k != "main_param":
-                    s[k] = _local(reader, fmt.tensor_key(f"optim.{k}", pc.name), pc.param).reshape(-1)[pc.lo:pc.hi]
+                key = fmt.tensor_key(f"optim.{k}", pc.name)
+                if k != "main_param" and key in reader.index:
+                    s[k] = _local(reader, key, pc.param).reshape(-1)[pc.lo:pc.hi]
             for k in scalar_kinds:
                 key = fmt.tensor_key(f"optim.{k}", pc.name)
-                if key not in scalars:
-                    raise fmt.CheckpointError(f"{reader.dir}/metadata.json: no scalar {key}")
-                s[k] = torch.tensor(scalars[key], dtype=torch.float32)
+                if key in scalars:
+                    s[k] = torch.tensor(scalars[key], dtype=torch.float32)
+            if any(k != "main_param" for k in kinds) and not any(k != "main_param" for k in s):
+                raise fmt.CheckpointError(f"{reader.dir}: no optimizer state for {pc.name}")
         states.append(s)
     optimizer.load_piece_states(states)
 

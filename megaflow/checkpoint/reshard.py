@@ -50,6 +50,7 @@ def target_config(cfg: Config, tp: int, pp: int, dp: int = 1, distributed_optimi
         p.decoder_first_pipeline_num_layers = p.decoder_last_pipeline_num_layers = None
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
     p.use_distributed_optimizer = distributed_optimizer
+    p.overlap_param_gather = p.overlap_param_gather and distributed_optimizer  # only exists with ZeRO
     cfg.world_size = tp * pp
     validate(cfg)
     cfg.world_size, cfg.data_parallel_size = tp * pp * dp, dp

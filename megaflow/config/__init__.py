@@ -14,6 +14,7 @@ from megaflow.config.data import DataConfig  # noqa: F401
 from megaflow.config.fields import ConfigError  # noqa: F401
 from megaflow.config.model import MODEL_STYLES, ModelConfig  # noqa: F401
 from megaflow.config.parallel import ParallelConfig  # noqa: F401
+from megaflow.config.resilience import ResilienceConfig  # noqa: F401
 from megaflow.config.root import SECTIONS, Config  # noqa: F401
 from megaflow.config.training import CheckpointConfig, LoggingConfig, TrainingConfig  # noqa: F401
 from megaflow.config.validation import (finalize, num_microbatches, pad_vocab_size,  # noqa: F401

@@ -12,11 +12,13 @@ from typing import Optional
 from megaflow.config.data import DataConfig
 from megaflow.config.model import ModelConfig
 from megaflow.config.parallel import ParallelConfig
+from megaflow.config.resilience import ResilienceConfig
 from megaflow.config.training import CheckpointConfig, LoggingConfig, TrainingConfig
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
-            "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+            "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+            "resilience": ResilienceConfig}
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     # Derived at validation from the world size; not flags.
     world_size: int = 1
     data_parallel_size: int = 1

@@ -15,7 +15,8 @@ class TrainingConfig:
     train_samples: Optional[int] = _f(None, "samples to train on (alternative to --train-iters)")
     exit_interval: Optional[int] = _f(None, "stop (after saving) when iteration % N == 0")
     seed: int = _f(1234, "random seed")
-    optimizer: str = _f("adam", "AdamW or SGD", choices=["adam", "sgd"])
+    optimizer: str = _f("adam", "AdamW, SGD, or Muon (orthogonalised updates for 2-D hidden weights, AdamW for "
+                                "the rest)", choices=["adam", "sgd", "muon"])
     lr: float = _f(1e-4, "peak learning rate")
     min_lr: float = _f(0.0, "floor of the decay")
     lr_decay_style: str = _f("linear", "schedule after warmup",
@@ -32,6 +33,17 @@ class TrainingConfig:
     adam_beta2: float = _f(0.999, "Adam beta2")
     adam_eps: float = _f(1e-8, "Adam epsilon")
     sgd_momentum: float = _f(0.9, "SGD momentum")
+    muon_momentum: float = _f(0.9, "Muon momentum factor")
+    muon_use_nesterov: bool = _f(False, "Nesterov-style momentum in Muon", action="store_true")
+    muon_split_qkv: bool = _f(True, "orthogonalise the Q, K and V blocks of the fused QKV weight separately",
+                              flag="--muon-no-split-qkv", action="store_false")
+    muon_scale_mode: str = _f("spectral", "Muon update scale: spectral sqrt(max(m,n)), unit_rms_norm "
+                                          "sqrt(m/n), shape_scaling sqrt(max(1,m/n))",
+                              choices=["spectral", "unit_rms_norm", "shape_scaling"])
+    muon_fp32_matmul_prec: str = _f("medium", "Newton-Schulz matmul precision: low/medium in bf16, high in fp32",
+                                    choices=["low", "medium", "high"])
+    muon_num_ns_steps: int = _f(5, "Newton-Schulz iterations")
+    muon_extra_scale_factor: float = _f(1.0, "extra factor on the Muon update")
     bf16: bool = _f(False, "bf16 autocast", action="store_true")
     fp16: bool = _f(False, "fp16 autocast with dynamic loss scaling", action="store_true")
     low_precision_params: bool = _f(False, "with --bf16/--fp16: keep the model's parameters in that dtype "
@@ -77,3 +89,8 @@ class LoggingConfig:
     pipeline_timeline_dir: Optional[str] = _f(None, "record each rank's (op, micro-batch, start, end) here "
                                                     "(tools/pipeline_timeline.py draws it)")
     pipeline_timeline_iters: int = _f(3, "how many of the first iterations to record")
+    wandb_project: Optional[str] = _f(None, "log the TensorBoard scalars to this Weights & Biases project too "
+                                            "(needs the wandb package: pip install megaflow[wandb]; "
+                                            "WANDB_MODE=offline writes local files only)")
+    wandb_exp_name: Optional[str] = _f(None, "the W&B run name")
+    wandb_save_dir: Optional[str] = _f(None, "where W&B writes its files (default: --save/wandb, else ./wandb)")

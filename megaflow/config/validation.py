@@ -6,6 +6,7 @@ from typing import Optional
 
 from megaflow.config.fields import ConfigError
 from megaflow.config.model import MODEL_STYLES
+from megaflow.config.resilience import validate_resilience_and_reporting
 from megaflow.config.root import Config
 
 
@@ -103,6 +104,7 @@ def validate(cfg: Config) -> None:
          f"--global-batch-size ({t.global_batch_size}) must be a multiple of --micro-batch-size "
          f"({t.micro_batch_size}) × data-parallel size ({dp})")
     _validate_pipeline(cfg, need)
+    validate_resilience_and_reporting(cfg, need)
     need(m.recompute_method is None or m.recompute_granularity == "full",
          "--recompute-method needs --recompute-granularity full")
     if d.mock_data:

@@ -52,14 +52,17 @@ class MegaflowOptimizer:
 
     def __init__(self, chunks: list, make_optimizer, weight_decay_of, *, sharded: bool = False,
                  zero_stage: int = 2, bucket_size: int | None = None, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False):
+                 overlap_param_gather: bool = False, owned_pieces=None):
         self.chunks = chunks
         self.sharded = sharded
         self.zero_stage = zero_stage if sharded else 0
         self.overlap_param_gather = overlap_param_gather and sharded
         self.sync = GradSync(chunks, bucket_size, overlap_grad_reduce, reduce_scatter=self.zero_stage == 2)
         names = {p: global_name(c, n) for c in chunks for n, p in c.named_parameters()}
-        self.pieces = [Piece(p, names[p], b, lo, hi) for p, b, lo, hi in self.sync.owned_pieces(sharded)]
+        # owned_pieces(sync, sharded): which elements this rank updates, when not the buckets' shards
+        # (optim/muon.py keeps its matrices whole).
+        owned = owned_pieces(self.sync, sharded) if owned_pieces else self.sync.owned_pieces(sharded)
+        self.pieces = [Piece(p, names[p], b, lo, hi) for p, b, lo, hi in owned]
         groups = {}
         for piece in self.pieces:
             groups.setdefault(weight_decay_of(piece.param), []).append(piece.main)
@@ -144,7 +147,9 @@ class MegaflowOptimizer:
         owned = sum(pc.hi - pc.lo for pc in self.pieces)
         main = sum(pc.main.numel() * 4 for pc in self.pieces if pc.main is not pc.model)
         opt = self.optimizer
-        if isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
+        if hasattr(opt, "state_bytes"):                        # optim/muon.py: Muon and AdamW pieces
+            state = opt.state_bytes(self.pieces)
+        elif isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
             state = owned * 8 + len(self.pieces) * 4         # exp_avg, exp_avg_sq; a float32 step each
         elif isinstance(opt, torch.optim.SGD) and any(g.get("momentum", 0) for g in opt.param_groups):
             state = owned * 4                                 # momentum buffer

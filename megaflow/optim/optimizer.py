@@ -1,4 +1,4 @@
-"""Optimizer construction: AdamW or SGD over the data-parallel gradient buffers, plain or ZeRO
+"""Optimizer construction: AdamW, SGD or Muon (optim/muon.py) over the data-parallel gradient buffers, plain or ZeRO
 (optim/distrib_optimizer.py); no weight decay on biases and norm weights (as Megatron)."""
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def build_optimizer(cfg, model) -> MegaflowOptimizer:
     chunks = model_chunks(model)
     decay = {param: 0.0 if no_weight_decay(name, param) else t.weight_decay
              for chunk in chunks for name, param in chunk.named_parameters()}
+    if t.optimizer == "muon":
+        from megaflow.optim.muon import build_muon_optimizer
+        return build_muon_optimizer(cfg, chunks, decay.__getitem__)
     return MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
                              sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
                              bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,

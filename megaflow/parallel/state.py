@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megaflow.parallel.device import default_backend, default_device, set_current
+from megaflow.parallel.elastic import attempt_store
 
 # Group name -> the dimensions its ranks vary along, per view. "dp_cp" reduces dense gradients (data and
 # context parallel ranks see different tokens of the same weights); "mp" is the model-parallel group.
@@ -145,8 +146,10 @@ def initialize(tp: int = 1, pp: int = 1, backend: Optional[str] = None, timeout_
     set_current(dev)
     backend = backend or default_backend(dev)
     if world_size > 1 and not dist.is_initialized():
+        store = attempt_store(timeout_minutes)  # under torchrun: keys of this restart attempt only
+        where = {"store": store, "rank": int(os.environ["RANK"]), "world_size": world_size} if store else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None, **where)
     rank = dist.get_rank() if dist.is_initialized() else 0
     # Subgroups default to torch's 30-minute timeout, not the default group's: pass ours on, so a
     # collective or pipeline transfer with a dead peer fails after --distributed-timeout-minutes.

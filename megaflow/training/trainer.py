@@ -18,14 +18,18 @@ from megaflow.model import build_model
 from megaflow.optim.loss_scaler import build_loss_scaler
 from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
-from megaflow.parallel import health, state
+from megaflow.parallel import flight_recorder, health, state
 from megaflow.parallel.random import model_parallel_seed
 from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.training import logging as log
+from megaflow.training import restart
+from megaflow.training.faults import Faults
 from megaflow.training.flops import device_peak_tflops, flops_per_iteration
 from megaflow.training.memory import memory_report
 from megaflow.training.preflight import schedule_changes
 from megaflow.training.step import evaluate, train_step
+from megaflow.training.stragglers import StragglerDetector
+from megaflow.training.wandb_writer import ScalarWriters
 
 
 class TrainingError(RuntimeError):
@@ -97,7 +101,9 @@ class _Trainer:
                                    device=cfg.training.device, virtual_pp=virtual_pipeline_size(cfg),
                                    cp=p.context_parallel_size, ep=p.expert_model_parallel_size,
                                    etp=p.expert_tensor_parallel_size)
-        self.monitor = health.start(p.distributed_timeout_minutes)  # names lost ranks if a collective fails
+        flight_recorder.get().resize(cfg.resilience.flight_recorder_size)
+        self.monitor = health.start(p.distributed_timeout_minutes,  # names lost ranks if a collective fails
+                                    dump_dir=restart.configure(cfg), attempt=restart.attempt())
         set_seed(cfg.training.seed)
         self.tokenizer = build_tokenizer(cfg.data)
         set_vocab_size(cfg, self.tokenizer.vocab_size)
@@ -115,9 +121,15 @@ class _Trainer:
         self.writer = CheckpointWriter(c.save, c.async_save, c.keep_last_n_checkpoints,
                                        c.save_retain_interval) if c.save else None
         self.reseed = False
-        rng_state = self._load() if c.load else None
+        load_dir = restart.resume_dir(cfg)  # --load, else --save once it holds a checkpoint
+        rng_state = self._load(load_dir) if load_dir else None
         self.start_iteration = self.result.iteration
-        self.tb = log.TensorBoardLogger(cfg.logging.tensorboard_dir, arguments=format_config(cfg, full=True))
+        if restart.attempt() > 0:
+            log.print_rank_0(restart.restart_message(restart.diagnostics_dir(cfg), restart.attempt(), load_dir,
+                                                     self.result.iteration))
+        self.faults = Faults(self.st.rank)
+        self.stragglers = StragglerDetector(cfg, self.optimizer)
+        self.tb = ScalarWriters(cfg, arguments=format_config(cfg, full=True))  # TensorBoard and W&B
         self.timeline = TimelineRecorder(cfg.logging.pipeline_timeline_dir, cfg.logging.pipeline_timeline_iters,
                                          meta={"num_microbatches": self.num_microbatches})
         self._build_data()
@@ -126,18 +138,18 @@ class _Trainer:
         elif self.reseed:
             set_seed(reseed_value(cfg.training.seed, self.result.iteration))
 
-    def _load(self):
+    def _load(self, load_dir: str):
         """Model (always), optimizer and schedule (unless --finetune / --no-load-optim), data position and
         RNG (unless --finetune / --no-load-rng) from a checkpoint of any layout (checkpoint/load.py)."""
         c, t = self.cfg.checkpoint, self.cfg.training
         finetune = c.finetune
-        info = load_checkpoint(c.load, self.model, optimizer=self.optimizer,
+        info = load_checkpoint(load_dir, self.model, optimizer=self.optimizer,
                                scheduler=None if finetune else self.scheduler,
                                scaler=None if finetune else self.scaler,
                                load_rng=not (finetune or c.no_load_rng),
                                load_optim=not (finetune or c.no_load_optim))
         saved = info["layout"]
-        log.print_rank_0(f"loaded checkpoint from {c.load} at iteration {info['iteration']} (saved at "
+        log.print_rank_0(f"loaded checkpoint from {load_dir} at iteration {info['iteration']} (saved at "
                          f"TP={saved['tp']} PP={saved['pp']} DP={saved['dp']}"
                          f"{', distributed optimizer' if saved['distributed_optimizer'] else ''})"
                          + (" (finetune: starting at iteration 0)" if finetune else ""))
@@ -186,10 +198,13 @@ class _Trainer:
         saved_at = None
         while r.iteration < self.train_iters:
             start = time.perf_counter()
+            self.stragglers.start_step(r.iteration + 1)
+            self.faults.before_step(r.iteration + 1)
             with self.timeline.step(r.iteration + 1):
                 step = train_step(cfg, self.model, self.optimizer, self.scaler, self.train_iter,
                                   self.num_microbatches)
             self.scheduler.step()
+            self.stragglers.end_step()
             elapsed = time.perf_counter() - start
             r.iteration += 1
             r.consumed_samples += t.global_batch_size
@@ -214,6 +229,7 @@ class _Trainer:
             if r.iteration % cfg.logging.log_interval == 0 or r.iteration == self.train_iters:
                 self._log(window, step, flops, peak)
                 window = _fresh_window()
+                self.stragglers.report(r.iteration)
             saved_at = None
             stop = False
             if t.eval_interval and r.iteration % t.eval_interval == 0 and self.valid_ds is not None:

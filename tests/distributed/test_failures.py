@@ -34,7 +34,8 @@ def launch(tmp_path, world=4):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         out = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "pretrain_gpt.py", *ARGS], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "pretrain_gpt.py", *ARGS, "--diagnostics-dir",
+                                       str(tmp_path / "diagnostics")], cwd=ROOT, env=env,
                                       stdout=out, stderr=subprocess.STDOUT))
     return procs
 
@@ -66,6 +67,11 @@ def finish(procs, survivors, limit):
     return codes, time.time() - start
 
 
+def reports(tmp_path) -> list:
+    """Ranks that wrote a report (megaflow/parallel/flight_recorder.py) to the diagnostics directory."""
+    return sorted(int(p.name[4:9]) for p in (tmp_path / "diagnostics").glob("rank*-attempt0.txt"))
+
+
 def test_a_killed_rank_is_named_by_every_other_rank(tmp_path):
     procs = launch(tmp_path)
     wait_for_iteration(tmp_path, 2, procs)
@@ -76,6 +82,7 @@ def test_a_killed_rank_is_named_by_every_other_rank(tmp_path):
         assert codes[r] not in (None, 0), f"rank {r} did not exit with an error:\n{log[-3000:]}"
         assert re.search(r"Lost rank\(s\) 1:", log), f"rank {r} did not name rank 1:\n{log[-3000:]}"
     assert elapsed < LIMIT, elapsed
+    assert reports(tmp_path) == [0, 2, 3]  # stacks and latest collectives of every live rank
 
 
 def test_a_frozen_rank_times_out_and_is_named(tmp_path):
@@ -88,3 +95,4 @@ def test_a_frozen_rank_times_out_and_is_named(tmp_path):
         assert codes[r] not in (None, 0), f"rank {r} did not exit with an error:\n{log[-3000:]}"
         assert re.search(r"Lost rank\(s\) 2:", log), f"rank {r} did not name rank 2:\n{log[-3000:]}"
     assert elapsed < LIMIT, elapsed
+    assert reports(tmp_path) == [0, 1, 3]  # the frozen rank's heartbeat thread is frozen too

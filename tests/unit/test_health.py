@@ -12,7 +12,7 @@ def test_interval_follows_the_timeout_within_bounds():
 def test_a_silent_rank_is_lost_and_a_failed_one_is_quoted():
     store = dist.HashStore()
     me, alive = Monitor(store, 0, 4, 0.01), Monitor(store, 1, 4, 0.01)
-    store.set("megaflow/exit/3", "ValueError: bad shard")  # rank 3 stopped and said why
+    store.set(f"{me.prefix}exit/3", "ValueError: bad shard")  # rank 3 stopped and said why
     try:
         text = me.diagnose(RuntimeError("Connection closed by peer"))
     finally:
@@ -33,3 +33,19 @@ def test_with_nobody_lost_the_rank_behind_is_named():
         for m in monitors:
             m.stop()
     assert "No rank is lost; rank(s) 1 are behind (iteration 6)" in text
+
+
+def test_keys_of_an_earlier_torchrun_attempt_do_not_count():
+    store = dist.HashStore()  # torchrun's restarts reuse one store: attempt 0 left its keys behind
+    old = [Monitor(store, r, 2, 0.01, attempt=0) for r in range(2)]
+    for m in old:
+        m.stop()
+    store.set(f"{old[1].prefix}exit/1", "ValueError: from the first attempt")
+    store.set(f"{old[1].prefix}dump", "rank 1: a report request of the first attempt")
+    me = Monitor(store, 0, 2, 0.01, attempt=1)
+    try:
+        assert not me._reported  # no report written for the old request
+        text = me.diagnose(RuntimeError("Connection closed by peer"))
+    finally:
+        me.stop()
+    assert "first attempt" not in text and "Lost rank(s) 1:" in text
