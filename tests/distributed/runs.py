@@ -49,9 +49,11 @@ def run(args) -> dict:
     norms, norm_of = [], opt.grad_norm
     opt.grad_norm = lambda: norms.append(norm_of()) or norms[-1]
     result = trainer.run()
+    with opt.gathered_parameters():  # ZeRO-3 keeps only shards between forwards
+        weights = full_weights(model_chunks(trainer.model))
     return {"losses": result.losses, "skipped": result.skipped_iterations, "grad_norms": norms,
             "iteration": result.iteration, "consumed_samples": result.consumed_samples,
-            "weights": full_weights(model_chunks(trainer.model)),
+            "weights": weights,
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,
             "gathers_waited_in_forward": opt.sync.gathers_waited_in_forward,
