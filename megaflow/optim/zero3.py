@@ -95,6 +95,7 @@ class Zero3Sync(ShardedGradSync):
         self.side = SideStream(device)
         self.peak_gathered_bytes = 0  # the most parameter bytes gathered at once (tests, docs)
         self.gathers = 0              # all-gathers issued (tests: prefetch happened)
+        self.summoned = False         # inside gathered()
         for u in self.units:
             self._free(u)
         self._hooks = []
@@ -182,7 +183,8 @@ class Zero3Sync(ShardedGradSync):
                 handle = _all_gather(b.param_data, send, group=self.group, async_op=True)
                 u.handles.append((handle, send))
         u.state = GATHERING
-        self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes())
+        if not self.summoned:
+            self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes())
 
     def _wait(self, u: Unit) -> None:
         if u.state != GATHERING:
@@ -205,6 +207,7 @@ class Zero3Sync(ShardedGradSync):
     @contextlib.contextmanager
     def gathered(self):
         """Every parameter whole for the duration (reading weights outside a forward: tests, export)."""
+        self.summoned = True  # not a peak of training: kept out of peak_gathered_bytes
         for u in self.units:
             self._gather(u)
         try:
@@ -214,6 +217,7 @@ class Zero3Sync(ShardedGradSync):
         finally:
             for u in self.units:
                 self._free(u)
+            self.summoned = False
 
     # -- the GradSync interface ------------------------------------------------------------------
     def start_step(self, num_microbatches: int) -> None:

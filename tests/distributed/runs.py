@@ -41,7 +41,8 @@ def full_weights(chunks) -> dict:
     return out
 
 
-def run(args) -> dict:
+def run(args, extra=None) -> dict:
+    """extra(trainer) -> dict: more entries for the result, computed after training (optional)."""
     trainer = _Trainer(parse_args([str(a) for a in args]))
     opt = trainer.optimizer
     # AdamW and clipping are blind to a uniform scale of the gradient: record the global gradient
@@ -60,7 +61,7 @@ def run(args) -> dict:
             "valid_losses": result.valid_losses,
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
             "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],
-            "rank": state.get().rank, "dp_size": state.get().dp_size}
+            "rank": state.get().rank, "dp_size": state.get().dp_size, **(extra(trainer) if extra else {})}
 
 
 def reference(args) -> dict:
