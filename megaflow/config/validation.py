@@ -64,6 +64,8 @@ def validate(cfg: Config) -> None:
     need(t.train_iters is None or t.train_samples is None, "give --train-iters or --train-samples, not both")
     need(not t.low_precision_params or t.bf16 or t.fp16, "--low-precision-params needs --bf16 or --fp16")
     _resolve_sharding_strategy(p, need)
+    need(p.zero_stage == 1 or p.use_distributed_optimizer,
+         f"--zero-stage {p.zero_stage} needs --use-distributed-optimizer")
     need(not p.overlap_param_gather or p.use_distributed_optimizer,
          "--overlap-param-gather needs --use-distributed-optimizer")
     need(p.ddp_bucket_size is None or p.ddp_bucket_size > 0, "--ddp-bucket-size must be positive")
