@@ -14,7 +14,8 @@ gather a *unit*'s parameters when it needs them and free them after:
 Units: each transformer layer of a model chunk, and the chunk itself for the parameters outside its
 layers (embeddings, final norm, output layer; the tied word embedding is used by the chunk's own
 forward for the logits, so only the chunk's hooks enclose every use). The chunk unit stays gathered
-through the chunk's forward and again through its backward; layers come and go: at most the chunk
+from the chunk's forward through its backward (freed after it, gathered again by the next micro-batch's
+forward if that comes first, as in 1F1B); layers come and go: at most the chunk
 unit and two layers (the current one and the prefetched one) are gathered at a time, k + 1 layers
 under full recompute of k-layer blocks (a recomputed block runs its layers' forwards together).
 
@@ -146,12 +147,17 @@ class Zero3Sync(ShardedGradSync):
     def _post_forward(self, u: Unit, out) -> None:
         if _recomputing():
             return  # freed after its backward, which comes next
+        hooked = False
         if torch.is_grad_enabled():
             for t in _tensors(out):
                 if t.requires_grad:
                     t.register_hook(lambda _g, u=u: self._pre_backward(u))
+                    hooked = True
                     break
-        self._free(u)
+        if not (hooked and u.name == "chunk"):
+            # The chunk's own unit stays until its backward (as FSDP2 keeps its root): the output
+            # layer's backward is the first thing backward needs, and the unit is in the bound anyway.
+            self._free(u)
 
     def _pre_backward(self, u: Unit) -> None:
         self._gather(u)
