@@ -2,8 +2,8 @@
 
 Stage 1 (optim/grad_buffer.py) accumulates every micro-batch into a full fp32 gradient buffer and
 reduce-scatters it once per step. Here no full buffer exists: a bucket's gradients are gathered into
-a transient fp32 buffer as backward produces them (a post-accumulate hook copies p.grad in and frees
-it), and as soon as the bucket is complete it is scaled by 1/DP and reduce-scattered, asynchronously;
+a transient fp32 buffer as backward produces them (a post-accumulate hook copies p.grad in, scaled by
+1/DP, and frees it), and as soon as the bucket is complete it is reduce-scattered, asynchronously;
 the rank adds the part it receives into its kept shard. Between micro-batches a rank holds only
 shards of the gradients: 4Φ/DP instead of 4Φ, for DP times more gradient traffic when there are
 several micro-batches (DeepSpeed's trade of communication for memory).
@@ -21,7 +21,6 @@ the transient gradient memory to a few buckets.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, _reduce_scatter,
                                         bucket_params, sum_replicated_grads)
@@ -86,12 +85,14 @@ class ShardedGradSync(GradSync):
 
     max_in_flight = 2
 
-    def __init__(self, chunks: list, bucket_size: int | None = None, overlap: bool = True,
-                 shard_params: bool = False, groups_of=None):
+    def __init__(self, chunks: list, bucket_size: int | None = None, shard_params: bool = False,
+                 groups_of=None):
+        """groups_of(chunk): the chunk's parameter groups, one per bucket, in backward order (default:
+        stage 1's bucket_params by --ddp-bucket-size)."""
         st = state.get()
         self.dp_size, self.dp_rank = st.dp_size, st.dp_rank
         self.group = st.groups.get("dp")
-        self.overlap, self.reduce_scatter = True, True
+        self.overlap, self.reduce_scatter = True, True  # always from the hooks, always a reduce-scatter
         bucket_size = bucket_size or DEFAULT_BUCKET_SIZE
         if groups_of is None:
             def groups_of(chunk):
@@ -133,10 +134,12 @@ class ShardedGradSync(GradSync):
                     raise RuntimeError("a gradient arrived after its bucket's last reduction: a parameter was "
                                        "used more often than once per micro-batch, or train_step was given "
                                        "the wrong number of micro-batches")
-                if b.grad_full is None:
-                    b.grad_full = torch.zeros(b.padded, dtype=torch.float32, device=b.grad_shard.device)
+                if b.grad_full is None:  # each parameter writes its range once: only the padding is zeroed
+                    b.grad_full = torch.empty(b.padded, dtype=torch.float32, device=b.grad_shard.device)
+                    b.grad_full[b.numel:].zero_()
                 lo, hi = b.offsets[p]
-                b.grad_full[lo:hi].add_(p.grad.reshape(-1))
+                # fp32 whatever p.grad's dtype, then the 1/DP of the average while the range is in cache
+                b.grad_full[lo:hi].copy_(p.grad.reshape(-1)).mul_(1.0 / self.dp_size)
                 p.grad = None
                 b.pending -= 1
                 if b.pending == 0:
@@ -154,7 +157,6 @@ class ShardedGradSync(GradSync):
         if self.dp_size == 1:
             b.grad_shard.add_(full)
             return
-        full.mul_(1.0 / self.dp_size)
         received = torch.empty_like(b.grad_shard)
         handle = _reduce_scatter(received, full, group=self.group, async_op=True)
         self._in_flight.append((b, handle, received, full))

@@ -10,9 +10,11 @@ import os
 import pytest
 import torch
 
-from megaflow.config import parse_args
+from megaflow.config import parse_args, set_vocab_size
+from megaflow.parallel import state
 from megaflow.planner.memory import model_state_bytes
-from tests.distributed.runs import LLAMA, reference
+from tests.distributed.runs import LLAMA, reference, run
+from tests.distributed.zero3_worker import extras
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -44,19 +46,12 @@ def results(tmp_path_factory):
     (tmp / "configs.json").write_text(json.dumps(cfgs))
     torchrun(os.path.join(HERE, "zero3_worker.py"), 4, [tmp, tmp / "configs.json"], timeout=500)
     out = {name: [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=False) for r in range(4)] for name in cfgs}
-    from tests.distributed.zero3_worker import extras
-    ref = reference_with_generation(BASE, extras)
-    single_from_zero1 = reference(BASE + ["--load", ck["z1"]])
-    return out, ref, single_from_zero1
-
-
-def reference_with_generation(args, extras):
-    from megaflow.parallel import state
-    from tests.distributed.runs import run
     try:
-        return run(args, extra=lambda t: {"generated": extras(t)["generated"]})
+        ref = run(BASE, extra=lambda trainer: {"generated": extras(trainer)["generated"]})
     finally:
         state.destroy()
+    single_from_zero1 = reference(BASE + ["--load", ck["z1"]])
+    return out, ref, single_from_zero1
 
 
 def assert_same_run(ranks, ref, rtol=1e-5, atol=1e-6):
@@ -80,8 +75,8 @@ def test_dp4_equals_single_process(results, name):
 
 def test_zero3_equals_zero1(results):
     out, _, _ = results
-    assert_same_run(out["zero3"], out["zero1"][0] | {"losses": out["zero1"][-1]["losses"],
-                                                     "valid_losses": out["zero1"][-1]["valid_losses"]})
+    zero1 = dict(out["zero1"][0], losses=out["zero1"][-1]["losses"], valid_losses=out["zero1"][-1]["valid_losses"])
+    assert_same_run(out["zero3"], zero1)
 
 
 def test_generation_through_gathering_hooks(results):
@@ -123,8 +118,7 @@ def test_measured_model_state_bytes_within_zero_bounds_and_planner(results):
             else:
                 assert 8 * phi + 8 * phi / dp <= rest <= 8 * (phi + pad) + 8 * (phi + pad) / dp + steps
             cfg = parse_args([str(a) for a in configs({"z3": "x", "z1": "x"})[name]], world_size=4)
-            from megaflow.config import set_vocab_size
-            set_vocab_size(cfg, 255 + 1)
+            set_vocab_size(cfg, 255 + 1)                          # NullTokenizer: the vocabulary + EOD
             plan = model_state_bytes(cfg, 0, r["rank"])
             planned = plan["parameters"] + plan["gradients"] + plan["optimizer"]
             assert planned == pytest.approx(rest, rel=0.05), (name, planned, rest)

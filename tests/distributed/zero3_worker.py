@@ -35,7 +35,7 @@ def reachable_bytes(*roots) -> int:
                 storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
             if obj.grad is not None:
                 stack.append(obj.grad)
-            stack.extend(v for v in vars(obj).values()) if hasattr(obj, "__dict__") else None
+            stack.extend(vars(obj).values())  # attributes set on tensors (main_grad, ...)
         elif isinstance(obj, dict):
             stack.extend(obj.keys())
             stack.extend(obj.values())
