@@ -76,7 +76,9 @@ def extras(trainer) -> dict:
     opt = trainer.optimizer
     out = {"rest_bytes": _model_state_bytes(opt), "peak_bytes": PEAK["bytes"],
            "peak_gathered": getattr(opt.sync, "peak_gathered_bytes", None),
-           "gathers": getattr(opt.sync, "gathers", None)}
+           "gathers": getattr(opt.sync, "gathers", None),
+           "bucket_sizes": [b.padded for buf in opt.sync.buffers for b in buf.buckets],
+           "largest_parameter": max(p.numel() for buf in opt.sync.buffers for p in buf.params)}
     if isinstance(opt.sync, Zero3Sync):
         out["unit_bytes"] = {u.name: u.full_bytes() for u in opt.sync.units}
     st = state.get()
