@@ -5,8 +5,8 @@ separate model-dtype shard exists). The model file is untouched: module hooks in
 gather a *unit*'s parameters when it needs them and free them after:
 
     forward pre-hook    all-gather the unit (or wait for its prefetch), prefetch the next unit
-    forward hook        free the unit; register a hook on its output's gradient, which fires just
-                        before the unit's backward
+    forward hook        free the unit (the chunk's own unit: after its backward); register a hook
+                        on its output's gradient, which fires just before the unit's backward
     backward pre-hook   gather it again, prefetch the unit whose backward comes next
     post-backward       (post-accumulate gradient hooks, optim/sharded_grads.py) once every gradient
                         of the unit arrived: reduce-scatter it into the kept gradient shard, free it
@@ -29,7 +29,10 @@ issues the same collectives in the same order.
 Recompute: a forward that runs inside backward (torch.utils.checkpoint recomputing) gathers what it
 needs and frees nothing; the unit is freed after its backward as usual.
 Pipeline parallelism: gather and free around every micro-batch's forward and backward, as without it
-(each 1F1B step is a module call like any other); the memory bound is the same.
+(each 1F1B step is a module call like any other), so the memory bound is the same. Keeping layers
+gathered from a micro-batch's forward to its backward (torchtitan's choice under PP) would hold every
+layer of the stage through the 1F1B warm-up, i.e. the whole stage's parameters; it saves one gather
+per layer and micro-batch, which the prefetch mostly hides.
 The bucket layout is stage 1's arithmetic (grad_buffer.Bucket): one bucket per unit (the tied
 embedding in one of its own, so both pipeline stages shard it alike), each padded to a multiple of DP.
 """
