@@ -1,24 +1,31 @@
-"""Distributed overhead: a training step at TP=2 × DP=2 on 4 gloo processes, megaflow against the
-PyTorch-native equivalent of the same model (DTensor tensor parallelism + FSDP2 over DP, as torchtitan
-composes them), in the same processes of the same run.
+"""Distributed overhead: a training step at TP=2 × DP=2 (or, with --tp 1, DP=4) on 4 gloo processes,
+megaflow against the PyTorch-native equivalent of the same model (DTensor tensor parallelism + FSDP2
+over DP, as torchtitan composes them), in the same processes of the same run.
 
-    megaflow  ColumnParallel/RowParallel layers, vocab-parallel embedding and cross entropy, ZeRO-2
-              (--use-distributed-optimizer, --overlap-grad-reduce, --overlap-param-gather)
+    megaflow  ColumnParallel/RowParallel layers, vocab-parallel embedding and cross entropy, ZeRO-1
+              (--use-distributed-optimizer, --overlap-grad-reduce, --overlap-param-gather: gradients
+              reduce-scattered once per step, optimizer state sharded)
+    megaflow-zero3  the same with --zero-stage 3: parameters, gradients and optimizer state sharded,
+              each layer gathered before its forward and again before its backward (prefetched)
     native    the same Llama in plain nn.Modules; parallelize_module with ColwiseParallel /
               RowwiseParallel (vocab-parallel embedding and output, loss_parallel cross entropy), then
               fully_shard per block and at the root over the DP mesh dimension, torch.optim.AdamW.
               Two variants: reshard_after_forward=False (gradients and optimizer state sharded,
-              parameters kept whole between forward and backward: ZeRO-2, megaflow's setting, the
-              peer of the ratio) and FSDP2's default True (parameters re-gathered for backward: ZeRO-3)
+              parameters kept whole between forward and backward: ZeRO-2-like, the peer of megaflow's
+              ZeRO-1) and FSDP2's default True (parameters re-gathered for backward: ZeRO-3, the peer
+              of megaflow-zero3)
 
 Both do forward + backward + global-norm clip + AdamW on the same micro-batch per DP rank, fp32. Steps
 alternate (A B A B ...) so machine noise hits both alike; a step's time is the slowest rank's; the
 median over steps is kept. Prints each step time, tokens/s and the ratio megaflow / native
-(< 1: megaflow is faster).
+(< 1: megaflow is faster), and the model-state bytes per rank each holds between steps (megaflow:
+its optimizer's figures; FSDP2: the local shards of parameters, gradients and AdamW state), plus the
+most parameter bytes megaflow's ZeRO-3 hooks held gathered at once.
 
-    python bench/dist_overhead.py [--steps 10]        (starts torchrun with 4 processes itself)
+    python bench/dist_overhead.py [--steps 10] [--tp 2|1]   (starts torchrun with 4 processes itself)
 """
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TP, DP = 2, 2
+TP, DP = 2, 2  # --tp 1: TP, DP = 1, 4
 
 
 def parse():
@@ -44,7 +51,11 @@ def parse():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
-    return p.parse_args()
+    p.add_argument("--tp", type=int, default=2, choices=[1, 2], help="TP size (DP = 4 / TP)")
+    a = p.parse_args()
+    global TP, DP
+    TP, DP = a.tp, 4 // a.tp
+    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,14 +145,16 @@ def native_runner(a, ffn, lr, reshard_after_forward):
     mesh = init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = Llama(a, ffn)
-    parallelize_module(model, mesh["tp"], {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
-        "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    if TP > 1:
+        parallelize_module(model, mesh["tp"], {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+            "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
     for block in model.layers:
-        parallelize_module(block, mesh["tp"], {
-            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
-            "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        if TP > 1:
+            parallelize_module(block, mesh["tp"], {
+                "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+                "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
         fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -149,16 +162,26 @@ def native_runner(a, ffn, lr, reshard_after_forward):
     def step(tokens):
         opt.zero_grad(set_to_none=True)
         logits = model(tokens[:, :-1])
-        with loss_parallel():
+        with loss_parallel() if TP > 1 else contextlib.nullcontext():
             loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
             loss.backward()
         clip_grad_norm_mixed_meshes(model.parameters(), 1.0)
         opt.step()
         return loss.full_tensor().item() if hasattr(loss, "full_tensor") else loss.item()
+
+    def local_bytes(tensors):
+        return sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else t.numel() * t.element_size()
+                   for t in tensors if t is not None and torch.is_tensor(t) and t.dim() > 0)
+
+    def memory():
+        params = list(model.parameters())
+        return {"parameters": local_bytes(params), "gradients": local_bytes(p.grad for p in params),
+                "optimizer": local_bytes(v for s in opt.state.values() for v in s.values())}
+    step.memory = memory
     return step
 
 
-def megaflow_runner(a, lr):
+def megaflow_runner(a, lr, zero_stage=1):
     from megaflow.config import config_from_kwargs, set_vocab_size
     from megaflow.model import build_model
     from megaflow.optim.optimizer import build_optimizer
@@ -168,9 +191,10 @@ def megaflow_runner(a, lr):
                              num_attention_heads=a.heads, seq_length=a.seq, micro_batch_size=a.micro_batch,
                              tensor_model_parallel_size=TP, hidden_dropout=0.0, attention_dropout=0.0, lr=lr,
                              weight_decay=0.0, make_vocab_size_divisible_by=128, use_distributed_optimizer=True,
-                             overlap_grad_reduce=True, overlap_param_gather=True)
+                             overlap_grad_reduce=True, overlap_param_gather=True, zero_stage=zero_stage)
     set_vocab_size(cfg, a.vocab)
-    state.initialize(tp=TP, backend="gloo", device="cpu")
+    if not dist.is_initialized():  # the second megaflow runner shares the process groups
+        state.initialize(tp=TP, backend="gloo", device="cpu")
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
     s = a.seq
@@ -179,7 +203,8 @@ def megaflow_runner(a, lr):
         batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(a.micro_batch, s),
                  "position_ids": torch.arange(s).expand(a.micro_batch, s)}
         return train_step(cfg, model, opt, None, iter([batch]), 1).loss
-    return step, cfg.model.ffn_hidden_size, opt.memory_bytes()
+    step.memory = lambda: dict(opt.memory_bytes(), gathered_peak=getattr(opt.sync, "peak_gathered_bytes", 0))
+    return step, cfg.model.ffn_hidden_size
 
 
 def timed(step, tokens):
@@ -193,8 +218,9 @@ def timed(step, tokens):
 
 def worker(a):
     torch.set_num_threads(1)
-    mega, ffn, mem = megaflow_runner(a, lr=1e-4)
-    runners = {"megaflow": mega,
+    mega, ffn = megaflow_runner(a, lr=1e-4)
+    mega3, _ = megaflow_runner(a, lr=1e-4, zero_stage=3)
+    runners = {"megaflow": mega, "megaflow-zero3": mega3,
                "fsdp2-zero2": native_runner(a, ffn, 1e-4, reshard_after_forward=False),
                "fsdp2-zero3": native_runner(a, ffn, 1e-4, reshard_after_forward=True)}
     from megaflow.parallel import state
@@ -209,6 +235,7 @@ def worker(a):
             losses[name].append(loss)
             if i >= 2:
                 times[name].append(t)
+    mems = {k: step.memory() for k, step in runners.items()}
     if dist.get_rank() == 0:
         tokens = a.micro_batch * a.seq * DP
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -217,14 +244,18 @@ def worker(a):
               f"processes; {a.steps} timed steps each, alternating")
         print(f"first losses (ln vocab = {math.log(a.vocab):.3f}): "
               + ", ".join(f"{k} {v[0]:.4f}" for k, v in losses.items()))
-        print(f"megaflow model states per rank: {mem['parameters'] / 2**20:.2f} MiB params, "
-              f"{mem['gradients'] / 2**20:.2f} MiB grads, {mem['optimizer'] / 2**20:.2f} MiB optimizer")
+        for k, m in mems.items():
+            total = m["parameters"] + m["gradients"] + m["optimizer"]
+            extra = f", + {m['gathered_peak'] / 2**20:.2f} MiB gathered at most" if m.get("gathered_peak") else ""
+            print(f"{k:>14} model states per rank between steps: {m['parameters'] / 2**20:.2f} MiB params, "
+                  f"{m['gradients'] / 2**20:.2f} MiB grads, {m['optimizer'] / 2**20:.2f} MiB optimizer = "
+                  f"{total / 2**20:.2f} MiB{extra}")
         for k in runners:
-            print(f"{k:>11} (TP=2 x DP=2): median step {med[k] * 1000:8.1f} ms  ({tokens / med[k]:8.0f} tokens/s)"
-                  f"  [min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f}]")
-        print(f"ratio megaflow / native step time: {med['megaflow'] / med['fsdp2-zero2']:.3f} "
-              f"(against FSDP2 without resharding after forward, like megaflow's ZeRO-2); "
-              f"{med['megaflow'] / med['fsdp2-zero3']:.3f} (against FSDP2's default, ZeRO-3)")
+            print(f"{k:>14} (TP={TP} x DP={DP}): median step {med[k] * 1000:8.1f} ms  ({tokens / med[k]:8.0f} "
+                  f"tokens/s)  [min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f}]")
+        print(f"ratio megaflow / native step time: {med['megaflow'] / med['fsdp2-zero2']:.3f} (ZeRO-1 against "
+              f"FSDP2 without resharding after forward); {med['megaflow-zero3'] / med['fsdp2-zero3']:.3f} "
+              f"(ZeRO-3 against FSDP2's default reshard_after_forward=True)")
     dist.destroy_process_group()
 
 

@@ -131,8 +131,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, scaler=Non
         if optimizer is not None:
             optimizer.finish_param_sync()  # no all-gather may land on the loaded weights
         with torch.no_grad():
-            for name, p, _copy in params:
-                p.copy_(_local(reader, _weights_key(reader, name), p).to(p.dtype))
+            if getattr(optimizer, "shards_parameters", False):  # ZeRO-3: only this rank's shards exist
+                for pc in optimizer.pieces:
+                    full = _local(reader, _weights_key(reader, pc.name), pc.param).reshape(-1)[pc.lo:pc.hi]
+                    pc.model.copy_(full)  # the fp32 shard: from the fp32 main weights when saved
+            else:
+                for name, p, _copy in params:
+                    p.copy_(_local(reader, _weights_key(reader, name), p).to(p.dtype))
         if optimizer is not None:
             _load_optimizer(reader, optimizer, load_optim)
         meta = reader.meta

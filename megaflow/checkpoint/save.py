@@ -11,7 +11,7 @@ A save, on every rank:
      retention flags. An async save is finalized by poll() at the first iteration where every rank's
      thread is done (one small all-reduce per iteration while a save is pending), or by wait().
 Which rank writes what: a tensor is written once, by DP rank 0 (every DP rank with ZeRO: each its own
-optimizer shard), by TP rank 0 for tensors replicated across TP, and not by the last pipeline stage
+optimizer shard, and at ZeRO-3 its shard of the weights too), by TP rank 0 for tensors replicated across TP, and not by the last pipeline stage
 for a tied output layer (a copy of the first stage's word embeddings).
 """
 from __future__ import annotations
@@ -61,11 +61,16 @@ def collect_rank_state(model, optimizer) -> tuple[dict, dict, dict]:
                                      st.tp_size, lo, hi)
 
     copies = set()
+    sharded_params = getattr(optimizer, "shards_parameters", False)
     for name, p, is_copy in named_parameters(model):
         if is_copy:
             copies.add(id(p))
-        if _writes(p, is_copy, replicated_over_dp=True):
+        if not sharded_params and _writes(p, is_copy, replicated_over_dp=True):
             add(fmt.MODEL, name, p, p, 0, p.numel())
+    if sharded_params:  # ZeRO-3: each DP rank writes the weights of its shard, in the model dtype
+        for pc in optimizer.pieces:
+            if _writes(pc.param, id(pc.param) in copies, replicated_over_dp=False):
+                add(fmt.MODEL, pc.name, pc.param, pc.model.to(pc.param.dtype), pc.lo, pc.hi)
     if optimizer is not None:
         for pc, s in optimizer.piece_states():
             if not _writes(pc.param, id(pc.param) in copies, replicated_over_dp=not optimizer.sharded):

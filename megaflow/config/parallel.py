@@ -24,8 +24,13 @@ class ParallelConfig:
     use_distributed_optimizer: bool = _f(False, "ZeRO: shard optimizer state across DP", action="store_true")
     overlap_grad_reduce: bool = _f(False, "overlap DP gradient reduction with backward", action="store_true")
     overlap_param_gather: bool = _f(False, "overlap parameter all-gather with forward", action="store_true")
-    zero_stage: int = _f(2, "with --use-distributed-optimizer: 1 all-reduces gradients, 2 reduce-scatters "
-                            "them (each rank keeps its shard)", choices=[1, 2])
+    zero_stage: int = _f(1, "with --use-distributed-optimizer: 1 shards optimizer state (gradients "
+                            "reduce-scattered once per step), 2 also gradients (reduce-scattered every "
+                            "micro-batch), 3 also parameters (gathered per layer)", choices=[1, 2, 3])
+    data_parallel_sharding_strategy: Optional[str] = _f(
+        None, "Megatron's name for the same setting: no_shard, optim (ZeRO-1), optim_grads (ZeRO-2), "
+              "optim_grads_params (ZeRO-3); implies --use-distributed-optimizer unless no_shard",
+        choices=["no_shard", "optim", "optim_grads", "optim_grads_params"])
     ddp_bucket_size: Optional[int] = _f(None, "elements per gradient-reduction bucket (default 40M)")
     distributed_backend: Optional[str] = _f(None, "default: nccl with CUDA, else gloo", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout")

@@ -64,6 +64,12 @@ def validate(cfg: Config) -> None:
     need(not (t.bf16 and t.fp16), "--bf16 and --fp16 are mutually exclusive")
     need(t.train_iters is None or t.train_samples is None, "give --train-iters or --train-samples, not both")
     need(not t.low_precision_params or t.bf16 or t.fp16, "--low-precision-params needs --bf16 or --fp16")
+    _resolve_sharding_strategy(p, need)
+    need(p.zero_stage == 1 or p.use_distributed_optimizer,
+         f"--zero-stage {p.zero_stage} needs --use-distributed-optimizer")
+    need(t.optimizer != "muon" or p.zero_stage == 1,
+         f"--optimizer muon shards whole matrices over data parallel (ZeRO stage 1): drop --zero-stage "
+         f"{p.zero_stage}")
     need(not p.overlap_param_gather or p.use_distributed_optimizer,
          "--overlap-param-gather needs --use-distributed-optimizer")
     need(p.ddp_bucket_size is None or p.ddp_bucket_size > 0, "--ddp-bucket-size must be positive")
@@ -123,6 +129,25 @@ def validate(cfg: Config) -> None:
     need(c.save_retain_interval is None or c.save_retain_interval >= 1, "--save-retain-interval must be positive")
     need(c.save_retain_interval is None or not c.save_interval or c.save_retain_interval % c.save_interval == 0,
          f"--save-retain-interval ({c.save_retain_interval}) must be a multiple of --save-interval ({c.save_interval})")
+
+
+SHARDING_STRATEGIES = {"no_shard": 0, "optim": 1, "optim_grads": 2, "optim_grads_params": 3}
+
+
+def _resolve_sharding_strategy(p, need) -> None:
+    """--data-parallel-sharding-strategy (Megatron's name) sets --use-distributed-optimizer and
+    --zero-stage; given with a different --zero-stage it is a contradiction. Idempotent."""
+    strategy = p.data_parallel_sharding_strategy
+    if strategy is None:
+        return
+    stage = SHARDING_STRATEGIES[strategy]
+    if stage == 0:
+        need(not p.use_distributed_optimizer, "--data-parallel-sharding-strategy no_shard contradicts "
+                                              "--use-distributed-optimizer: drop one of them")
+        return
+    need(p.zero_stage in (1, stage), f"--data-parallel-sharding-strategy {strategy} means --zero-stage {stage}, "
+                                     f"not {p.zero_stage}: drop one of them")
+    p.use_distributed_optimizer, p.zero_stage = True, stage
 
 
 def _validate_pipeline(cfg: Config, need) -> None:

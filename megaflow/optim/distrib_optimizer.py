@@ -18,28 +18,36 @@ once, or with --overlap-param-gather by each module just before its next forward
 Memory per rank, Φ parameters on the rank's TP/PP shard, DP = d, Adam (exact bytes: memory_bytes()):
     plain DP, fp32 params:  4Φ params + 4Φ grads + 8Φ Adam
     plain DP, bf16 params:  2Φ params + 4Φ grads + 12Φ (fp32 main + Adam)
-    ZeRO, fp32 params:      4Φ + 4Φ + 8Φ/d
-    ZeRO, bf16 params:      2Φ + 4Φ + 12Φ/d   (Megatron-LM's distributed optimizer: 6 + 12/d)
-Gradients stay a full fp32 buffer in ZeRO-2 too: micro-batches accumulate into it and the bucket
-reduce-scatters once per step; after that only the rank's shard of it is read (see docs).
+    ZeRO-1, fp32 params:    4Φ + 4Φ + 8Φ/d
+    ZeRO-1, bf16 params:    2Φ + 4Φ + 12Φ/d   (Megatron-LM's distributed optimizer: 6 + 12/d)
+    ZeRO-2, fp32 / bf16:    4Φ + 4Φ/d + 8Φ/d  /  2Φ + 4Φ/d + 12Φ/d   (optim/sharded_grads.py)
+    ZeRO-3, any dtype:      4Φ/d fp32 shard (it is the main copy) + 4Φ/d + 8Φ/d = 16Φ/d   (optim/zero3.py)
+ZeRO-1 keeps a full fp32 gradient buffer: micro-batches accumulate into it and each bucket is
+reduce-scattered once per step. ZeRO-2 and -3 reduce-scatter every micro-batch into kept shards.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from megaflow.model.init import global_name
 from megaflow.optim import grads
 from megaflow.optim.grad_buffer import GradSync
+from megaflow.optim.sharded_grads import ShardedGradSync
+from megaflow.optim.zero3 import Zero3Sync
 
 
 class Piece:
     __slots__ = ("param", "name", "bucket", "lo", "hi", "model", "grad", "main")
 
-    def __init__(self, param, name, bucket, lo, hi):
+    def __init__(self, param, name, bucket, lo, hi, views=None):
         self.param, self.name, self.bucket, self.lo, self.hi = param, name, bucket, lo, hi
-        self.model = param.data.view(-1)[lo:hi]
-        self.grad = param.main_grad.view(-1)[lo:hi]
-        if param.dtype == torch.float32:
+        if views is None:
+            self.model, self.grad = param.data.view(-1)[lo:hi], param.main_grad.view(-1)[lo:hi]
+        else:  # ZeRO-2/3: the kept shards (ZeRO-3's parameter shard is fp32: model and main at once)
+            self.model, self.grad = views(param, bucket, lo, hi)
+        if self.model.dtype == torch.float32:
             self.main = self.model
         else:
             self.main = self.model.detach().float()
@@ -51,18 +59,27 @@ class MegaflowOptimizer:
     start_step, finish_grad_sync, unscale_and_check, grad_norm, clip_grads, step."""
 
     def __init__(self, chunks: list, make_optimizer, weight_decay_of, *, sharded: bool = False,
-                 zero_stage: int = 2, bucket_size: int | None = None, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False, owned_pieces=None):
+                 zero_stage: int = 1, bucket_size: int | None = None, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, owned_pieces=None, whole_grads: bool = False):
         self.chunks = chunks
         self.sharded = sharded
         self.zero_stage = zero_stage if sharded else 0
         self.overlap_param_gather = overlap_param_gather and sharded
-        self.sync = GradSync(chunks, bucket_size, overlap_grad_reduce, reduce_scatter=self.zero_stage == 2)
+        if self.zero_stage == 3:
+            self.sync = Zero3Sync(chunks, bucket_size)
+        elif self.zero_stage == 2:
+            self.sync = ShardedGradSync(chunks, bucket_size)
+        else:
+            # whole_grads: every rank gets the whole reduced gradient (all-reduce), for optimizers that
+            # update whole matrices on one rank (Muon); else ZeRO-1 reduce-scatters into the shards.
+            self.sync = GradSync(chunks, bucket_size, overlap_grad_reduce, reduce_scatter=sharded and not whole_grads)
+        self.shards_parameters = self.zero_stage == 3  # checkpoint/: weights are saved from the shards
+        views = getattr(self.sync, "piece_views", None)
         names = {p: global_name(c, n) for c in chunks for n, p in c.named_parameters()}
         # owned_pieces(sync, sharded): which elements this rank updates, when not the buckets' shards
         # (optim/muon.py keeps its matrices whole).
         owned = owned_pieces(self.sync, sharded) if owned_pieces else self.sync.owned_pieces(sharded)
-        self.pieces = [Piece(p, names[p], b, lo, hi) for p, b, lo, hi in owned]
+        self.pieces = [Piece(p, names[p], b, lo, hi, views) for p, b, lo, hi in owned]
         groups = {}
         for piece in self.pieces:
             groups.setdefault(weight_decay_of(piece.param), []).append(piece.main)
@@ -87,6 +104,13 @@ class MegaflowOptimizer:
 
     def finish_grad_sync(self) -> None:
         self.sync.finish_grad_sync()
+
+    def gathered_parameters(self):
+        """Context: every parameter whole, to read weights outside a forward (ZeRO-3 gathers them for
+        its duration; the other stages hold them anyway)."""
+        self.sync.finish_param_sync()
+        gathered = getattr(self.sync, "gathered", None)
+        return gathered() if gathered is not None else contextlib.nullcontext()
 
     def _grads(self):
         return [piece.grad for piece in self.pieces]
@@ -119,8 +143,8 @@ class MegaflowOptimizer:
         self.sync.finish_param_sync()
         for pc in self.pieces:
             s = {k: v for k, v in self.optimizer.state.get(pc.main, {}).items() if torch.is_tensor(v)}
-            if pc.main is not pc.model:
-                s["main_param"] = pc.main
+            if pc.main is not pc.model or pc.param.dtype != pc.main.dtype:
+                s["main_param"] = pc.main  # (ZeRO-3 of a bf16/fp16 model: its fp32 shard)
             yield pc, s
 
     @torch.no_grad()
@@ -134,7 +158,7 @@ class MegaflowOptimizer:
         for pc, s in zip(self.pieces, states, strict=True):
             s = dict(s)
             main = s.pop("main_param", None)
-            if main is not None and pc.main is not pc.model:
+            if main is not None:
                 pc.main.copy_(main.view_as(pc.main))
             if s:
                 sd["state"][order[id(pc.main)]] = s

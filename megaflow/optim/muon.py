@@ -211,8 +211,8 @@ def build_muon_optimizer(cfg, chunks: list, weight_decay_of):
     def make(groups):
         return MuonWithAdamW(groups, piece_of=piece_of, muon_params=muon_params, owner=owner, muon=muon, lr=t.lr,
                              betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-    # With ZeRO the owner of a Muon weight needs its whole gradient: all-reduce (ZeRO-1), not reduce-scatter.
-    opt = MegaflowOptimizer(chunks, make, weight_decay_of, sharded=sharded, zero_stage=1 if sharded else p.zero_stage,
+    # With ZeRO the owner of a Muon weight needs its whole gradient: stage 1 with all-reduced gradients.
+    opt = MegaflowOptimizer(chunks, make, weight_decay_of, sharded=sharded, zero_stage=1, whole_grads=True,
                             bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
                             overlap_param_gather=p.overlap_param_gather,
                             owned_pieces=owned_pieces(set(muon_params), owner))

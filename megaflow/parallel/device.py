@@ -51,3 +51,28 @@ def device_name(device: torch.device) -> str:
 
 def multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class SideStream:
+    """A second stream for communication that should overlap compute (ZeRO-3's parameter gathers).
+    On CPU every method is a no-op: gloo's async handles already run beside compute."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def enter(self):
+        """Context for work issued on the side stream, ordered after what the current stream queued."""
+        import contextlib
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        return torch.cuda.stream(self.stream)
+
+    def join(self, *tensors) -> None:
+        """The current stream waits for the side stream; tensors made there may be freed after that."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream(self.stream.device)
+        current.wait_stream(self.stream)
+        for t in tensors:
+            t.record_stream(current)

@@ -10,7 +10,11 @@ with momentum one fp32 buffer; low-precision parameters add an fp32 main copy.
 
     plain DP, fp32 params:  4Φ + 4Φ + 8Φ          ZeRO, fp32 params:  4Φ + 4Φ + 8Φ/d
     plain DP, bf16 params:  2Φ + 4Φ + 12Φ         ZeRO, bf16 params:  2Φ + 4Φ + 12Φ/d
-plus bucket padding (< d elements per bucket) and the step scalars.
+plus bucket padding (< d elements per bucket) and the step scalars. --zero-stage 2 keeps only the
+shard of the gradients (4Φ/d, optim/sharded_grads.py); --zero-stage 3 also only an fp32 shard of the
+parameters (4Φ/d: 16Φ/d in all), its buckets one per layer plus one for the rest of each chunk
+(optim/zero3.py), and `gathered` is what its hooks hold at most inside a step: the chunk's own unit
+and the two largest layers, whole, in the model dtype.
 """
 from __future__ import annotations
 
@@ -33,6 +37,25 @@ def buckets(params: list[Param], bucket_size: int, dp: int) -> list[tuple[list[t
     return out
 
 
+def _zero3_buckets(params: list[Param], dp: int) -> tuple[list, list[int]]:
+    """Stage 3's buckets (zero3.Zero3Sync._plan_units: each layer, then the rest of the chunk, the
+    tied embedding alone), and the elements of each unit."""
+    layers, rest = {}, []
+    for q in params:
+        if q.name.startswith("layers."):
+            layers.setdefault(int(q.name.split(".")[1]), []).append(q)
+        else:
+            rest.append(q)
+    units = [layers[i] for i in sorted(layers, reverse=True)] + ([rest] if rest else [])
+    out, sizes = [], []
+    for unit in units:
+        unit_buckets = buckets(unit, 1 << 62, dp)
+        out += unit_buckets
+        sizes.append(sum(padded for _m, padded in unit_buckets))
+    n = len(layers)
+    return out, sorted(sizes[:n], reverse=True)[:2] + sizes[n:]
+
+
 def _param_bytes(cfg: Config) -> int:
     t = cfg.training
     low = getattr(t, "low_precision_params", False) and (t.bf16 or t.fp16)
@@ -46,10 +69,16 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> dict:
     sharded = p.use_distributed_optimizer
     size = getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE
     pbytes = _param_bytes(cfg)
-    buffer = owned = pieces = nparams = 0
+    stage = getattr(p, "zero_stage", 1) if sharded else 0
+    buffer = owned = pieces = nparams = gathered = 0
     for chunk in rank_parameters(cfg, pp_rank):
         nparams += sum(q.numel for q in chunk)
-        for members, padded in buckets(chunk, size, dp):
+        if stage == 3:
+            chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp)
+            gathered = max(gathered, sum(unit_sizes) * pbytes)
+        else:
+            chunk_buckets = buckets(chunk, size, dp)
+        for members, padded in chunk_buckets:
             buffer += padded
             lo, hi = (dp_rank * padded // dp, (dp_rank + 1) * padded // dp) if sharded else (0, padded)
             for _param, start, end in members:
@@ -57,13 +86,14 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> dict:
                 if overlap > 0:
                     owned += overlap
                     pieces += 1
-    main = owned * 4 if pbytes != 4 else 0
+    main = owned * 4 if pbytes != 4 and stage != 3 else 0  # stage 3's fp32 shard is the main copy
     if t.optimizer == "adam":
         state = owned * 8 + pieces * 4
     elif t.sgd_momentum:
         state = owned * 4
     else:
         state = 0
-    return {"parameters": buffer * pbytes, "gradients": buffer * 4, "optimizer": main + state,
-            "main_params": main, "optimizer_state": state, "num_parameters": nparams,
-            "owned_elements": owned}
+    params_held = buffer // dp * 4 if stage == 3 else buffer * pbytes
+    return {"parameters": params_held, "gradients": buffer // dp * 4 if stage >= 2 else buffer * 4,
+            "optimizer": main + state, "main_params": main, "optimizer_state": state, "num_parameters": nparams,
+            "owned_elements": owned, "gathered": gathered, "full_parameters": buffer * pbytes}

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
-from megaflow.planner.memory import DEFAULT_BUCKET_SIZE, model_state_bytes
+from megaflow.planner.memory import DEFAULT_BUCKET_SIZE, _param_bytes, model_state_bytes
 from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
 
 
@@ -133,13 +133,23 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
     grad_bytes = max(s["gradients"] for s in states)
     param_bytes = max(s["parameters"] for s in states)
     dp_bw = _bw(spans_nodes(dp, tp, cluster), cluster)
-    zero = getattr(p, "zero_stage", 2) if p.use_distributed_optimizer else 0
+    zero = getattr(p, "zero_stage", 1) if p.use_distributed_optimizer else 0
+    if zero >= 2:  # the states hold shards: the traffic is the full buffers'
+        grad_bytes = max(s["full_parameters"] // _param_bytes(cfg) * 4 for s in states)
+        param_bytes = max(s["full_parameters"] for s in states)
     n_buckets = max(1, -(-grad_bytes // 4 // (getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE)))
-    grad_comm = _ring("reduce_scatter" if zero == 2 else "all_reduce", grad_bytes, dp, dp_bw, lat * n_buckets)
-    param_comm = _ring("all_gather", param_bytes, dp, dp_bw, lat * n_buckets) if zero else 0.0
-    if p.overlap_grad_reduce:
+    if zero == 3:
+        n_buckets = cfg.model.num_layers // pp + 1  # one per layer and one for the rest of the stage
+    rounds = mbs if zero >= 2 else 1  # ZeRO-2/3 reduce-scatter every micro-batch
+    grad_comm = rounds * _ring("reduce_scatter" if zero else "all_reduce", grad_bytes, dp, dp_bw, lat * n_buckets)
+    # ZeRO-3 gathers the parameters before every micro-batch's forward and again before its backward
+    gathers = 2 * mbs if zero == 3 else 1
+    param_comm = gathers * _ring("all_gather", param_bytes, dp, dp_bw, lat * n_buckets) if zero else 0.0
+    if p.overlap_grad_reduce or zero >= 2:  # ZeRO-2/3 always reduce from the gradient hooks
         grad_comm = max(grad_comm - slowest["backward"], grad_comm / n_buckets)
-    if p.overlap_param_gather and zero:
+    if zero == 3:  # prefetched while the previous layer computes, forward and backward
+        param_comm = max(param_comm - mbs * (slowest["forward"] + slowest["backward"]), param_comm / n_buckets)
+    elif p.overlap_param_gather and zero:
         param_comm = max(param_comm - slowest["forward"], param_comm / n_buckets)
     owned = max(s["owned_elements"] for s in states)
     optimizer = owned * 2 * (4 + 8 + 4 + (4 if states[0]["main_params"] else 0)) / (cluster.hbm_gbps * 1e9)

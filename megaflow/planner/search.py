@@ -46,7 +46,7 @@ class Plan:
             out.append(f"--num-layers-per-virtual-pipeline-stage {p.num_layers_per_virtual_pipeline_stage}")
         if p.use_distributed_optimizer:
             out.append("--use-distributed-optimizer")
-            if getattr(p, "zero_stage", 2) != 2:
+            if getattr(p, "zero_stage", 1) != 1:
                 out.append(f"--zero-stage {p.zero_stage}")
         if p.overlap_grad_reduce:
             out.append("--overlap-grad-reduce")
@@ -70,7 +70,8 @@ def memory_per_rank(cfg: Config, device: str = "cuda") -> dict:
         act = stage_activation_bytes(cfg, r, device)
         mem = {"pp_rank": r, "parameters": states["parameters"], "gradients": states["gradients"],
                "optimizer": states["optimizer"], "activations": act["peak"], "in_flight": act["in_flight"]}
-        mem["total"] = mem["parameters"] + mem["gradients"] + mem["optimizer"] + mem["activations"]
+        mem["total"] = mem["parameters"] + mem["gradients"] + mem["optimizer"] + mem["activations"] \
+            + states["gathered"]  # ZeRO-3: the layers its hooks hold whole inside a step
         if best is None or mem["total"] > best["total"]:
             best = mem
     return best
@@ -101,8 +102,8 @@ def candidates(base: Config, cluster: Cluster, fixed: set = frozenset()):
             per_stage = m.num_layers // pp
             vpps = [p.num_layers_per_virtual_pipeline_stage] if "vpp" in fixed else \
                 [None] + ([k for k in _divisors(per_stage) if per_stage // k >= 2] if pp > 1 else [])
-            zeros = [(p.use_distributed_optimizer, getattr(p, "zero_stage", 2))] if "zero" in fixed else \
-                [(False, 2)] + ([(True, 1), (True, 2)] if dp > 1 else [])
+            zeros = [(p.use_distributed_optimizer, getattr(p, "zero_stage", 1))] if "zero" in fixed else \
+                [(False, 1)] + ([(True, 1), (True, 2), (True, 3)] if dp > 1 else [])
             recomputes = [m.recompute_granularity] if "recompute" in fixed else [None, "selective", "full"]
             mbss = [t.micro_batch_size] if "mbs" in fixed else [b for b in (1, 2, 4, 8, 16)]
             sps = [p.sequence_parallel] if "sp" in fixed else [tp > 1]

@@ -97,10 +97,13 @@ def memory_report(cfg: Config, device: str) -> list[str]:
     for r in range(cfg.parallel.pipeline_model_parallel_size):
         states = model_state_bytes(cfg, r)
         act = stage_activation_bytes(cfg, r, device)
-        total = states["parameters"] + states["gradients"] + states["optimizer"] + act["peak"]
+        total = states["parameters"] + states["gradients"] + states["optimizer"] + act["peak"] + states["gathered"]
         lines.append(f"  {r:>5}  {states['parameters'] / GIB:10.3f} {states['gradients'] / GIB:10.3f} "
                      f"{states['optimizer'] / GIB:10.3f} {act['peak'] / GIB:12.3f}  ({act['in_flight']:>3}){'':>17}"
                      f"{total / GIB:8.3f}")
+        if states["gathered"]:
+            lines.append(f"         ZeRO-3: the total includes {states['gathered'] / GIB:.3f} GiB of parameters gathered "
+                         "at most inside a step (the chunk's own unit and two layers, whole)")
     return lines
 
 

@@ -54,7 +54,8 @@ def split_padding(weights: dict, vocab_size: int) -> tuple[dict, float]:
     return real, pad
 
 
-def run(args) -> dict:
+def run(args, extra=None) -> dict:
+    """extra(trainer) -> dict: more entries for the result, computed after training (optional)."""
     trainer = _Trainer(parse_args([str(a) for a in args]))
     opt = trainer.optimizer
     # AdamW and clipping are blind to a uniform scale of the gradient: record the global gradient
@@ -63,7 +64,8 @@ def run(args) -> dict:
     opt.grad_norm = lambda: norms.append(norm_of()) or norms[-1]
     result = trainer.run()
     cfg = trainer.cfg
-    weights, padding_max = split_padding(full_weights(model_chunks(trainer.model)), cfg.vocab_size)
+    with opt.gathered_parameters():  # ZeRO-3 keeps only shards between forwards
+        weights, padding_max = split_padding(full_weights(model_chunks(trainer.model)), cfg.vocab_size)
     return {"losses": result.losses, "skipped": result.skipped_iterations, "grad_norms": norms,
             "padded_vocab_size": cfg.padded_vocab_size, "padding_max": padding_max,
             "iteration": result.iteration, "consumed_samples": result.consumed_samples,
@@ -74,7 +76,7 @@ def run(args) -> dict:
             "valid_losses": result.valid_losses,
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
             "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],
-            "rank": state.get().rank, "dp_size": state.get().dp_size}
+            "rank": state.get().rank, "dp_size": state.get().dp_size, **(extra(trainer) if extra else {})}
 
 
 def reference(args) -> dict:

@@ -1,8 +1,9 @@
 """The engine's proof: TP=2 × PP=2 × DP=2 on 8 gloo processes trains a Llama-style model exactly like
 one process with the same weights and data order — losses, every step's global gradient norm and the
 final weights (fp32, tight) — with and without ZeRO, sequence parallelism and the interleaved
-schedule, in one torchrun launch. A GPT-2-style run adds the tied embedding split across the first
-and last stage under ZeRO-2 (its gradient is summed on shards, in a bucket of its own). The vocabulary
+schedule, in one torchrun launch; ZeRO-1 (sharded optimizer state) and ZeRO-3 (parameters gathered per
+layer). GPT-2-style runs add the tied embedding split across the first and last stage (its gradient is
+summed on shards, in a bucket of its own), at ZeRO-3 with full activation recompute. The vocabulary
 (300 ids) pads to 512 rows at TP=2 and 384 in the single process: the padding takes no part, so the
 runs are equal on the real rows, and every padding row stays exactly 0."""
 import json
@@ -19,12 +20,16 @@ GRID = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "
 ZERO = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
         "--ddp-bucket-size", "4000"]
 SP, INTERLEAVED = ["--sequence-parallel"], ["--num-layers-per-virtual-pipeline-stage", "1"]
+ZERO3 = ["--use-distributed-optimizer", "--zero-stage", "3"]
+RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 CONFIGS = {
     "plain": LLAMA + GRID,
-    "zero2_sp": LLAMA + GRID + ZERO + SP,
+    "zero1_sp": LLAMA + GRID + ZERO + SP,
     "zero1_interleaved": LLAMA + GRID + ZERO + ["--zero-stage", "1"] + INTERLEAVED,
-    "zero2_sp_interleaved": LLAMA + GRID + ZERO + SP + INTERLEAVED,
-    "gpt2_zero2_sp": GPT2 + GRID + ZERO + SP,
+    "zero3_sp": LLAMA + GRID + ZERO3 + SP,
+    "zero3_sp_interleaved": LLAMA + GRID + ZERO3 + SP + INTERLEAVED,
+    "gpt2_zero1_sp": GPT2 + GRID + ZERO + SP,
+    "gpt2_zero3_sp_recompute": GPT2 + GRID + ZERO3 + SP + RECOMPUTE,
 }
 
 
@@ -64,11 +69,13 @@ def test_tp2_pp2_dp2_equals_single_process(results, name):
 
 def test_zero_shards_optimizer_state_on_every_rank_of_the_grid(results):
     out, _ = results
-    for name in ("zero2_sp", "zero2_sp_interleaved", "gpt2_zero2_sp"):
+    for name in ("zero1_sp", "zero3_sp", "zero3_sp_interleaved", "gpt2_zero1_sp", "gpt2_zero3_sp_recompute"):
         for r in out[name]:
             mem, phi = r["memory"], r["memory"]["num_parameters"]
             assert r["dp_size"] == 2 and mem["main_params"] == 0    # fp32 model: Adam's m and v only
             assert 8 * phi / 2 <= mem["optimizer"] <= 8 * phi / 2 * 1.02 + 8 * max(r["bucket_padding"])
             assert mem["optimizer_state"] == r["measured_state"]
+            if name.startswith(("zero3", "gpt2_zero3")):         # parameters and gradients: shards too
+                assert mem["parameters"] == mem["gradients"] <= 4 * phi / 2 * 1.02 + 4 * max(r["bucket_padding"])
     for r in out["plain"]:
         assert r["memory"]["optimizer"] >= 8 * r["memory"]["num_parameters"]

@@ -33,6 +33,8 @@ def configs(ckpt):
         "zero2_gpt2": GPT2 + ZERO + ["--overlap-grad-reduce", "--ddp-bucket-size", "3000"],
         "zero2_bf16": LLAMA + BF16 + ZERO + SMALL_BUCKETS,
         "zero2_fp16": LLAMA + FP16 + ZERO + ["--overlap-grad-reduce"] + SMALL_BUCKETS,
+        "zero3_fp16": LLAMA + FP16 + ZERO + ["--zero-stage", "3"],
+        "zero3_bf16": LLAMA + BF16 + ZERO + ["--zero-stage", "3"],
         "zero2_save": LLAMA + ZERO + ["--overlap-grad-reduce", "--overlap-param-gather"] + SMALL_BUCKETS
         + ["--save", ckpt, "--save-interval", "100", "--exit-interval", "2"],
         "zero2_resume": LLAMA + ZERO + ["--overlap-grad-reduce", "--overlap-param-gather"] + SMALL_BUCKETS
@@ -97,21 +99,29 @@ def test_buckets_are_several_padded_to_dp_and_reduced_from_backward(results):
     assert out["zero1"][0]["gathers_waited_in_forward"] == 0
 
 
-def test_fp16_overflow_skips_agreed_and_equal_to_single_process(results):
+@pytest.mark.parametrize("name", ["zero2_fp16", "zero3_fp16"])
+def test_fp16_overflow_skips_agreed_and_equal_to_single_process(results, name):
     out, refs = results
-    ranks, ref = out["zero2_fp16"], refs["fp16"]
+    ranks, ref = out[name], refs["fp16"]
     assert ref["skipped"] >= 1 and ref["skipped"] < 4                   # skipped some, then trained
     assert [r["skipped"] for r in ranks] == [ref["skipped"]] * 2
     assert_same_run(ranks, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_params_fp32_main_params_train_like_single_process(results):
+@pytest.mark.parametrize("name", ["zero2_bf16", "zero3_bf16"])
+def test_bf16_params_fp32_main_params_train_like_single_process(results, name):
     out, refs = results
-    ranks, ref = out["zero2_bf16"], refs["bf16"]
+    ranks, ref = out[name], refs["bf16"]
     # bf16 weights: a last-bit difference in a reduced gradient can flip one bf16 rounding.
     for it, loss in ref["losses"].items():
         assert ranks[1]["losses"][it] == pytest.approx(loss, rel=2e-3), it
-    assert ranks[0]["memory"]["main_params"] > 0
+    mem = ranks[0]["memory"]
+    if name == "zero3_bf16":  # the fp32 parameter shard is the main copy: 4 + 4 + 8 bytes per Φ/DP
+        phi, pad = mem["num_parameters"], sum(ranks[0]["bucket_padding"])
+        assert mem["main_params"] == 0 and mem["parameters"] == mem["gradients"]
+        assert 4 * phi / 2 <= mem["parameters"] <= 4 * (phi + pad) / 2
+    else:
+        assert mem["main_params"] > 0
 
 
 def test_zero_optimizer_state_bytes_per_rank(results):

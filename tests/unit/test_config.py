@@ -76,3 +76,22 @@ def test_config_round_trips_through_json():
     cfg = parse_args(["--model-style", "llama", "--num-layers", "3"])
     again = Config.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("strategy, sharded, stage", [
+    ("no_shard", False, 1), ("optim", True, 1), ("optim_grads", True, 2), ("optim_grads_params", True, 3)])
+def test_megatron_sharding_strategy_is_the_zero_stage(strategy, sharded, stage):
+    p = parse_args(["--data-parallel-sharding-strategy", strategy], world_size=2).parallel
+    assert (p.use_distributed_optimizer, p.zero_stage) == (sharded, stage)
+    again = parse_args(["--use-distributed-optimizer", "--zero-stage", str(stage)], world_size=2).parallel
+    assert again.zero_stage == stage and again.use_distributed_optimizer
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--zero-stage", "3"], "--use-distributed-optimizer"),
+    (["--data-parallel-sharding-strategy", "optim_grads", "--zero-stage", "3"], "--data-parallel-sharding-strategy"),
+    (["--data-parallel-sharding-strategy", "no_shard", "--use-distributed-optimizer"], "no_shard"),
+])
+def test_contradictory_zero_flags_name_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        parse_args(argv, world_size=2)
