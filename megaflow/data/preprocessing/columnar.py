@@ -1,9 +1,9 @@
 """Columnar inputs of preprocessing: Parquet files and saved Hugging Face dataset directories.
 
-Both are read with pyarrow (imported lazily; the `data` extra), only the --json-keys columns, one
-record batch at a time, so memory holds a row group or an Arrow batch, never the file:
-- Parquet: `ParquetFile.iter_batches`, with a batch size aimed at --chunk-bytes from the file's
-  metadata (uncompressed bytes per row).
+Both are read with pyarrow (imported lazily; the `data` extra), only the --json-keys columns, and
+handed to the workers as compact record batches of about --chunk-bytes each, so memory holds one
+Parquet row group or one Arrow batch of those columns, never the file:
+- Parquet: row group by row group (`ParquetFile.read_row_group`).
 - `datasets.Dataset.save_to_disk` directories: state.json lists the Arrow stream files in order
   (`data-0000i-of-0000n.arrow`); they are memory-mapped and read batch by batch. save_to_disk
   flattens any index mapping first, so file order is row order. (No `datasets` import is needed: its
@@ -84,11 +84,14 @@ def read(path: str, fmt: str, fi: int, keys: List[str], chunk_bytes: int, done_b
 def _parquet_batches(path: str, keys: List[str], chunk_bytes: int):
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
-    md = pf.metadata
-    nbytes = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    rows = _rows_per_chunk(nbytes, md.num_rows, chunk_bytes)
-    # iter_batches decodes one row group at a time and yields fresh (not sliced) batches.
-    return pf.iter_batches(batch_size=rows, columns=keys), md.num_rows, os.path.getsize(path)
+
+    def batches():
+        # One row group of the key columns at a time: Parquet's unit of reading (its encoded sizes say
+        # little about decoded text, so chunks are cut by the decoded Arrow size).
+        for i in range(pf.metadata.num_row_groups):
+            for batch in pf.read_row_group(i, columns=keys).to_batches():
+                yield from _pieces(batch, chunk_bytes)
+    return batches(), pf.metadata.num_rows, os.path.getsize(path)
 
 
 def _dataset_batches(path: str, keys: List[str], chunk_bytes: int):
@@ -97,20 +100,24 @@ def _dataset_batches(path: str, keys: List[str], chunk_bytes: int):
     total_rows, size = 0, 0
     for f in files:
         with pa.memory_map(f) as src:
-            total_rows += sum(b.num_rows for b in pa.ipc.open_stream(src))  # reads headers of mapped pages only
+            total_rows += sum(b.num_rows for b in pa.ipc.open_stream(src))  # touches message headers only
         size += os.path.getsize(f)
 
     def batches():
         for f in files:
             with pa.memory_map(f) as src:
                 for batch in pa.ipc.open_stream(src):
-                    batch = batch.select(keys)
-                    rows = _rows_per_chunk(batch.nbytes, batch.num_rows, chunk_bytes)
-                    for start in range(0, batch.num_rows, rows):
-                        # Copied out of the mapping (a batch may outlive it in the pool's queue), and a
-                        # slice would pickle with its parent's whole buffers: concat_batches copies the rows.
-                        yield pa.concat_batches([batch.slice(start, rows)])
+                    yield from _pieces(batch.select(keys), chunk_bytes)
     return batches(), total_rows, size
+
+
+def _pieces(batch, chunk_bytes: int):
+    """About chunk_bytes of rows at a time, each copied into a compact batch of its own: a batch may
+    outlive a memory map in the pool's queue, and a slice would pickle with its parent's whole buffers."""
+    import pyarrow as pa
+    rows = _rows_per_chunk(batch.nbytes, batch.num_rows, chunk_bytes)
+    for start in range(0, batch.num_rows, rows):
+        yield pa.concat_batches([batch.slice(start, rows)])
 
 
 def _rows_per_chunk(nbytes: int, nrows: int, chunk_bytes: int) -> int:

@@ -128,9 +128,40 @@ def _open(path: str, fmt: str):
     if fmt == "gzip":
         return raw, gzip.GzipFile(fileobj=raw, mode="rb")
     if fmt == "zstd":
-        import zstandard
-        return raw, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return raw, ZstdStream(raw)
     return raw, raw
+
+
+class ZstdStream:
+    """read(n) over a .zst file of one or more frames (concatenated files are common). zstandard's own
+    stream_reader ends quietly at a truncated frame; this raises, so a cut download is not half-read."""
+
+    def __init__(self, raw, read_size: int = 1 << 15):
+        import zstandard
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._raw, self._read_size = raw, read_size
+        self._d, self._in_frame = self._new(), False
+        self._buf = bytearray()
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            data = self._raw.read(self._read_size)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends in the middle of a Zstandard frame")
+                break
+            while data:
+                self._buf += self._d.decompress(data)
+                self._in_frame = not self._d.eof
+                data = b""
+                if self._d.eof:  # the frame is complete; whatever follows starts the next one
+                    data, self._d = self._d.unused_data, self._new()
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def close(self) -> None:
+        pass
 
 
 def _read_lines(path, fmt, fi, chunk_bytes, max_line_bytes, done_bytes, global_line) -> Iterator[Chunk]:
