@@ -106,7 +106,7 @@ def run(args) -> Dict[str, object]:
                 vocab_size=tokenizer.vocab_size, lines=lines, dropped=dropped,
                 skipped=sum(dropped.values()) + writer.duplicates,
                 duplicates=writer.duplicates, blank_lines=counts["blank_lines"],
-                examples=[(r, files[fi], line, msg) for r, fi, line, msg in examples])
+                examples=[(r, files[fi], line, msg) for r, fi, line, msg in sorted(examples, key=lambda e: e[1:3])])
 
 
 LABELS = dict(ISSUE_LABELS, min_chars="--min-chars", max_chars="--max-chars", duplicates="--dedup")
