@@ -164,3 +164,18 @@ def test_a_missing_reader_library_names_the_extra(tmp_path, capsys, monkeypatch)
         err = _error(tmp_path, capsys, path)
         assert f"needs the {module} package" in err and "megaflow[data]" in err
         monkeypatch.delitem(sys.modules, module)
+
+
+def test_train_tokenizer_reads_the_same_formats(tmp_path):
+    """tools/train_tokenizer.py shares the reader: a Parquet file trains the tokenizer its JSONL twin does."""
+    from tests.tools.test_data_tools import tool
+    rows = _rows(150, seed=11)
+    jsonl = write_jsonl(str(tmp_path / "c.jsonl"), rows)
+    pq_path = write_parquet(tmp_path / "c.parquet", rows)
+    tt = tool("train_tokenizer")
+    for name, path in (("a", jsonl), ("b", pq_path)):
+        assert tt.main(["--input", path, "--tokenizer-type", "HuggingFaceTokenizer", "--vocab-size", "300",
+                        "--output", str(tmp_path / name)]) == 0
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    assert tt.main(["--input", pq_path, "--json-keys", "body", "--tokenizer-type", "HuggingFaceTokenizer",
+                    "--output", str(tmp_path / "c")]) == 1

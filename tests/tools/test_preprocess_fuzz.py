@@ -237,3 +237,29 @@ def test_command_line_reports_skips_without_a_traceback(tmp_path):
     assert f"{inp}:" in r.stdout and "invalid Unicode" in r.stdout and "lone surrogate U+D" in r.stdout
     assert "line too long" in r.stdout and "tokenizer error" in r.stdout and "wrong type" in r.stdout
     assert IndexedDataset(str(tmp_path / "o_text_document")).num_documents == kept
+
+
+def test_an_enormous_line_is_never_held_whole(tmp_path):
+    """A 24 MB line with --max-line-bytes 1 MiB: the reader skips to its end holding at most ~1 MiB of it,
+    reports its full length, and the lines around it are read as usual."""
+    import tracemalloc
+    from megaflow.data.preprocessing import reader
+    path = tmp_path / "big.jsonl"
+    with open(path, "wb") as fh:
+        fh.write(b'{"text": "1 2"}\n{"text": "')
+        for _ in range(24):
+            fh.write(b"7 " * (1 << 19))
+        fh.write(b'"}\n{"text": "3"}\n{"text": "4"}')
+    tracemalloc.start()
+    chunks = list(reader.read_chunks([str(path)], chunk_bytes=1 << 16, max_line_bytes=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 3 << 20
+    skipped = [c for c in chunks if c.too_long]
+    assert len(skipped) == 1 and skipped[0].first_line == 2 and skipped[0].too_long[0][1] == 24 * (1 << 20) + 12
+    assert [c.first_line for c in chunks] == [1, 2, 3, 4]  # the last line has no newline
+    stats = pipeline.run(cli.parse_args(["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--quiet",
+                                         "--tokenizer-type", "NullTokenizer", "--vocab-size", "10", "--workers", "1",
+                                         "--chunk-bytes", str(1 << 16), "--max-line-bytes", str(1 << 20)]))
+    assert stats["documents"] == 3 and stats["dropped"]["too_long"] == 1
+    assert stats["examples"][0][2:] == (2, f"a line of {24 * (1 << 20) + 12:,} bytes (--max-line-bytes 1,048,576)")
