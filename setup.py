@@ -43,9 +43,15 @@ setup(
         "safetensors",
         "sentencepiece",
         "tokenizers",
+        "huggingface_hub",   # split_torch_state_dict_into_shards: HF export sharding, transformers' semantics
+        "filelock",          # the dataset index cache lock (megaflow/data/cache.py)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1", "wandb"],
+        "dev": ["pytest", "pytest-xdist", "transformers", "triton", "megatron-core==0.16.1",
+                "pyarrow", "zstandard", "datasets", "wandb"],  # datasets: tests write save_to_disk directories
+        # tools/preprocess_data.py inputs beyond (gzipped) JSON lines: .zst, Parquet, saved HF datasets
+        # (read with pyarrow; the `datasets` library itself is not needed).
+        "data": ["pyarrow", "zstandard"],
         "triton": ["triton"],
         "hf": ["transformers"],
         "wandb": ["wandb"],  # --wandb-project (imported only then)

@@ -10,6 +10,10 @@ library, as JSONL (one document per line, {"text": ...}), in a deterministic ord
 site-packages, files that do not parse and (unless --include-tests) the test suites are skipped. The
 same interpreter always gives the same bytes, so the corpus (and everything trained on it) is
 reproducible.
+
+--max-mb N writes at most N MB (2^20 bytes) and stops within 2 KB of it: a document that would pass
+the limit is left out and smaller ones after it still fill the rest. When the standard library holds
+less text than asked for, the tool says so, how much there is, and what would give more.
 """
 import argparse
 import ast
@@ -20,6 +24,7 @@ import sysconfig
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib2to3"}
 TEST_DIRS = {"test", "tests", "idle_test"}
+FULL_WITHIN = 2048  # --max-mb counts as reached once less than this is left
 
 
 def stdlib_files(root=None, include_tests=False):
@@ -92,15 +97,34 @@ def main(argv=None):
     with open(tmp, "w", encoding="utf-8") as out:
         for text in documents(args.source, args.stdlib, include_tests=args.include_tests):
             line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            nbytes = len(line.encode("utf-8"))
+            if limit and size + nbytes > limit:
+                continue  # too big for what is left; a smaller document may still fit
             out.write(line)
             n += 1
-            size += len(line.encode("utf-8"))
-            if (args.max_docs and n >= args.max_docs) or (limit and size >= limit):
+            size += nbytes
+            if (args.max_docs and n >= args.max_docs) or (limit and limit - size < FULL_WITHIN):
                 break
     os.replace(tmp, args.output)
     print(f"wrote {n} documents, {size / (1 << 20):.2f} MB to {args.output} "
           f"(Python {sys.version.split()[0]} stdlib, source={args.source})")
+    if limit and limit - size >= FULL_WITHIN and not (args.max_docs and n >= args.max_docs):
+        print(shortfall(args, size), file=sys.stderr)
     return 0
+
+
+def shortfall(args, size) -> str:
+    """Why --max-mb was not reached, and what would reach it."""
+    root = args.stdlib or sysconfig.get_paths()["stdlib"]
+    more = []
+    if not args.include_tests:
+        more.append("--include-tests (the test suites hold about twice as much again)")
+    if args.source != "both":
+        more.append("--source both")
+    hint = f"add {' and '.join(more)}" if more else "there is no more to add (bring a corpus of your own for more)"
+    return (f"make_corpus.py: note: --max-mb {args.max_mb:g} asked for more than there is: the standard library at "
+            f"{root} holds {size / (1 << 20):.2f} MB of --source {args.source} text"
+            f"{'' if args.include_tests else ' without its tests'}; {hint}, or ask for less.")
 
 
 if __name__ == "__main__":

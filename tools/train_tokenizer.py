@@ -18,27 +18,26 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megaflow.data.preprocessing.reader import expand_inputs, read_chunks  # noqa: E402
+from megaflow.data.preprocessing.documents import Skip, records  # noqa: E402
+from megaflow.data.preprocessing.reader import (  # noqa: E402
+    DEFAULT_MAX_LINE_BYTES, PreprocessError, check_inputs, expand_inputs, read_chunks)
 
 EOD_HF, PAD_HF = "<|endoftext|>", "<pad>"
 
 
 def iter_texts(files, keys, max_docs=None):
-    """Texts of the JSONL documents; unreadable lines are skipped (preprocess_data.py reports them)."""
+    """Texts of the documents (any input format preprocess_data.py reads); unreadable documents are
+    skipped (preprocess_data.py reports them)."""
     n = 0
-    for chunk in read_chunks(files):
-        for raw in chunk.data.split(b"\n"):
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                continue
-            if not isinstance(obj, dict):
+    for chunk in read_chunks(files, json_keys=keys):
+        for _, obj in records(chunk, keys, DEFAULT_MAX_LINE_BYTES):
+            if obj is None or isinstance(obj, Skip):
                 continue
             for k in keys:
                 v = obj.get(k)
                 for t in ([v] if isinstance(v, str) else v if isinstance(v, list) else []):
                     if isinstance(t, str) and t.strip():
-                        yield t
+                        yield t.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates
             n += 1
             if max_docs and n >= max_docs:
                 return
@@ -76,7 +75,9 @@ def train_huggingface(texts, output, vocab_size):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--input", required=True, help="JSONL file(s): a path, glob or comma-separated list (.gz ok)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="inputs as tools/preprocess_data.py takes them: .jsonl(.gz/.zst) files, Parquet, saved "
+                        "datasets, globs or comma-separated lists")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--tokenizer-type", required=True, choices=["SentencePieceTokenizer", "HuggingFaceTokenizer"])
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece model type")
@@ -92,7 +93,8 @@ def main(argv=None):
         p.error("--model-type unigram is only available with --tokenizer-type SentencePieceTokenizer")
     try:
         files = expand_inputs(args.input)
-    except FileNotFoundError as e:
+        check_inputs(files, args.json_keys)
+    except (FileNotFoundError, PreprocessError) as e:
         print(f"train_tokenizer.py: error: {e}", file=sys.stderr)
         return 1
     texts = iter_texts(files, args.json_keys, args.max_docs)

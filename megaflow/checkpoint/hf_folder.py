@@ -5,7 +5,10 @@
 
 An export holds config.json, generation_config.json, the tokenizer files, and the weights as
 model.safetensors, or as model-0000i-of-0000n.safetensors shards with model.safetensors.index.json
-once they pass max_shard_bytes (transformers' layout). Reading accepts safetensors, and legacy
+once they pass the maximum shard size. The split is huggingface_hub's split_torch_state_dict_into_shards,
+the function transformers' save_pretrained uses, with its size semantics ("5GB" = 5·10^9 bytes; a
+tensor larger than the limit gets a shard of its own) and transformers' default limit, so the shards
+and the index are the ones save_pretrained writes for the same state dict. Reading accepts safetensors, and legacy
 pytorch_model*.bin files through torch.load(weights_only=True) only: loading never executes code.
 """
 from __future__ import annotations
@@ -22,18 +25,20 @@ from megaflow.checkpoint.hf import to_hf_config, to_hf_state_dict
 from megaflow.checkpoint.hf_tokenizer import export_tokenizer
 
 SAFE_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' default "5GB"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default (5.x)
+DEFAULT_MAX_SHARD_BYTES = 50 * 10 ** 9
 
 
 def parse_size(text) -> int:
-    """'5GB', '500MB', '2KiB' or a byte count -> bytes."""
+    """'5GB', '500MB', '40KB' or a byte count -> bytes, as huggingface_hub reads them (powers of ten;
+    a bad unit raises ValueError naming the accepted ones)."""
     if isinstance(text, int):
         return text
-    s = str(text).strip().upper().replace("IB", "B")
-    for suffix, mult in (("TB", 1024 ** 4), ("GB", 1024 ** 3), ("MB", 1024 ** 2), ("KB", 1024), ("B", 1)):
-        if s.endswith(suffix):
-            return int(float(s[:-len(suffix)]) * mult)
-    return int(s)
+    s = str(text).strip()
+    if s.isdigit():
+        return int(s)
+    from huggingface_hub.serialization._base import parse_size_to_int  # the parser its splitter uses
+    return parse_size_to_int(s)
 
 
 def save_hf_folder(cfg, state_dict: dict, out_dir: str, dtype: torch.dtype = torch.float32,
@@ -53,33 +58,37 @@ def save_hf_folder(cfg, state_dict: dict, out_dir: str, dtype: torch.dtype = tor
     return hf_config
 
 
-def save_safetensors(hf_sd: dict, out_dir: str, max_shard_bytes: int) -> list[str]:
-    """One file, or shards of at most max_shard_bytes (a larger single tensor gets a shard of its own)."""
-    shards, current, size = [], {}, 0
-    for name, t in hf_sd.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    for fname, shard in zip(names, shards):
+def save_safetensors(hf_sd: dict, out_dir: str, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """model.safetensors, or shards of at most max_shard_bytes (an int, or a size such as "5GB") plus
+    the index, exactly as transformers' save_pretrained names and fills them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    # save_pretrained of a loaded model fills shards in "natural" name order (layers.2 before layers.10);
+    # the same order here gives the same shards and keeps each layer's tensors together.
+    hf_sd = dict(sorted(hf_sd.items(), key=lambda kv: _natural_key(kv[0])))
+    split = split_torch_state_dict_into_shards(hf_sd, max_shard_size=max_shard_bytes)
+    for fname, names in split.filename_to_tensors.items():
         # Own storage per tensor: slices of one fused matrix would otherwise share memory, which
         # safetensors refuses (and would write whole).
-        save_file({k: v.contiguous().clone() for k, v in shard.items()}, os.path.join(out_dir, fname),
+        save_file({k: hf_sd[k].contiguous().clone() for k in names}, os.path.join(out_dir, fname),
                   metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    if len(names) > 1:
-        _write_json(os.path.join(out_dir, SAFE_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names
+    if split.is_sharded:
+        total_parameters = sum(t.numel() for t in hf_sd.values())
+        _write_json(os.path.join(out_dir, SAFE_INDEX), {
+            "metadata": {**split.metadata, "total_parameters": total_parameters},
+            "weight_map": split.tensor_to_filename})
+    return list(split.filename_to_tensors)
+
+
+def _natural_key(name: str) -> list:
+    """Dotted parts compared as numbers when they are digits, and by text then trailing number otherwise."""
+    key = []
+    for part in name.split("."):
+        text = part.rstrip("0123456789")
+        if not text:
+            key.append((0, int(part)))
+        else:
+            key.append((1, text, int(part[len(text):])) if text != part else (1, text))
+    return key
 
 
 def _remove_old_weights(out_dir: str) -> None:

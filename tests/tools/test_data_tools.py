@@ -39,7 +39,7 @@ def test_make_corpus_sources_and_size_limit(tmp_path):
     out = str(tmp_path / "d.jsonl")
     mc.main(["--output", out, "--source", "docstrings", "--max-mb", "0.2"])
     size = os.path.getsize(out)
-    assert 0.2 * (1 << 20) <= size < 0.2 * (1 << 20) + 200_000
+    assert 0.2 * (1 << 20) - 2048 < size <= 0.2 * (1 << 20)  # about N MB: never over, within 2 KB
     first = [json.loads(line)["text"] for line in open(out, encoding="utf-8")][:50]
     assert all("\n\n" in d and "import " not in d.split("\n\n")[0] for d in first)
     code = str(tmp_path / "c.jsonl")
@@ -62,6 +62,30 @@ def test_make_corpus_feeds_the_pipeline(tmp_path):
                      "--workers", "1", "--quiet"]) == 0
     ds = IndexedDataset(str(tmp_path / "ds_text_document"))
     assert ds.num_documents == 300 and ds.dtype == np.uint16
+
+
+def test_make_corpus_says_why_it_cannot_reach_max_mb(tmp_path, capsys):
+    """A stdlib with less text than asked for: the corpus holds all of it and the tool says how much
+    there is and what gives more; without a shortfall it says nothing."""
+    mc = tool("make_corpus")
+    lib = tmp_path / "lib"
+    os.makedirs(lib / "pkg")
+    os.makedirs(lib / "test")
+    for i in range(30):
+        (lib / "pkg" / f"m{i:02d}.py").write_text(f'"""Module {i}: {"words " * 300}"""\nX = {i}\n' * 3)
+    (lib / "test" / "test_big.py").write_text('"""tests"""\n' + "Y = 1\n" * 40000)
+    out = str(tmp_path / "c.jsonl")
+    assert mc.main(["--output", out, "--stdlib", str(lib), "--max-mb", "0.05"]) == 0
+    assert 0.05 * (1 << 20) - 2048 < os.path.getsize(out) <= 0.05 * (1 << 20)
+    assert capsys.readouterr().err == ""
+    assert mc.main(["--output", out, "--stdlib", str(lib), "--max-mb", "1"]) == 0
+    err = capsys.readouterr().err
+    have = os.path.getsize(out) / (1 << 20)
+    assert f"--max-mb 1 asked for more than there is: the standard library at {lib} holds {have:.2f} MB" in err
+    assert "--include-tests" in err
+    assert mc.main(["--output", out, "--stdlib", str(lib), "--max-mb", "1", "--include-tests"]) == 0
+    assert os.path.getsize(out) > 0.3 * (1 << 20)  # the tests were the missing text
+    assert "there is no more to add" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- train_tokenizer

@@ -102,11 +102,12 @@ def test_bad_lines_are_counted_reported_and_skipped(tmp_path):
         fh.write(b'{"text": "5 \xff 6"}\n{"text": "7 8"}\n{"text": 42}\n')
     stats = run(tmp_path, inp, "--append-eod")
     assert stats["documents"] == 2
-    assert stats["dropped"] == dict(malformed_json=2, non_utf8=1, missing_key=2, empty=1, min_chars=0, max_chars=0)
-    assert stats["blank_lines"] == 1
+    assert {k: v for k, v in stats["dropped"].items() if v} == dict(malformed_json=2, non_utf8=1, missing_key=1,
+                                                                    wrong_type=1, empty=1)
+    assert stats["blank_lines"] == 1 and stats["lines"] == 9 and stats["skipped"] == 6
     lines = {(r, line) for r, _, line, _ in stats["examples"]}
     assert lines == {("malformed_json", 2), ("missing_key", 3), ("empty", 4), ("malformed_json", 6),
-                     ("non_utf8", 7), ("missing_key", 9)}
+                     ("non_utf8", 7), ("wrong_type", 9)}
     summary = pipeline.format_summary(stats)
     assert f"{inp}:7: non-UTF-8" in summary and "malformed JSON: 2" in summary
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
@@ -118,7 +119,7 @@ def test_strict_stops_with_file_and_line_and_leaves_nothing(tmp_path):
     write_jsonl(inp, [" ".join(["1"] * 50)] * 300)
     with open(inp, "a") as fh:
         fh.write("{broken\n")
-    with pytest.raises(pipeline.PreprocessError, match=r"in\.jsonl:301: malformed json"):
+    with pytest.raises(pipeline.PreprocessError, match=r"in\.jsonl:301: malformed JSON"):
         run(tmp_path, inp, "--strict", "--workers", "1")
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
@@ -200,8 +201,8 @@ def test_reader_backpressure_bounds_chunks_in_flight(tmp_path, monkeypatch):
     pulled = []
     real = reader.read_chunks
 
-    def counting(files, chunk_bytes):
-        for c in real(files, chunk_bytes):
+    def counting(files, chunk_bytes, **kw):
+        for c in real(files, chunk_bytes, **kw):
             pulled.append(1)
             yield c
 

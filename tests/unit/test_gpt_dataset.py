@@ -174,3 +174,25 @@ def test_cache_built_once_by_concurrent_processes(tmp_path):
     for i in range(3):
         assert np.load(str(tmp_path / f"out{i}.npy")).tolist() == list(range(10))
     assert not [f for f in os.listdir(tmp_path / "c") if ".tmp" in f]
+
+
+def test_cache_waits_for_a_lock_another_process_holds(tmp_path):
+    """The lock is filelock's: while another process holds it (here: this test), a builder waits, then finds
+    the entry that process wrote and memory-maps it instead of building."""
+    import multiprocessing as mp
+    import time
+    from filelock import FileLock
+    from megaflow.data.cache import lock_path
+    cache, log, out = tmp_path / "c", str(tmp_path / "log"), str(tmp_path / "out.npy")
+    os.makedirs(cache)
+    with FileLock(lock_path(str(cache), "stem")):
+        child = mp.get_context("fork").Process(target=_cache_user, args=(str(cache), log, out))
+        child.start()
+        time.sleep(1.0)
+        assert child.is_alive() and not os.path.exists(log)  # blocked on the lock, nothing built
+        np.save(str(cache / "stem-a.npy"), np.arange(10) * 2)  # the holder completes the entry
+        np.save(str(cache / "stem-b.npy"), np.ones(3))
+        (cache / "stem-description.txt").write_text("{}")
+    child.join(60)
+    assert child.exitcode == 0 and not os.path.exists(log)
+    assert np.load(out).tolist() == list(range(0, 20, 2))

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from megaflow.checkpoint.convert import export_to_hf, import_from_hf, training_flags
 from megaflow.checkpoint.full_state import load_full_state_dict, save_full_state_dict
 from megaflow.checkpoint.hf import ConversionError, from_hf_config, to_hf_state_dict
-from megaflow.checkpoint.hf_folder import load_hf_weights
+from megaflow.checkpoint.hf_folder import SAFE_INDEX, load_hf_weights
 from megaflow.config import ConfigError, config_from_kwargs, parse_args, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
 
@@ -162,6 +162,41 @@ def test_sharded_bf16_export_with_index(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in expected.items())
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # loads the shards
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("max_size", ["40KB", 30_000, "1MB"])
+def test_shards_and_index_are_the_ones_transformers_writes(tmp_path, max_size):
+    """huggingface_hub's splitter with its units: the files, their tensors and the index json are those of
+    save_pretrained for the same state dict and limit (and one model.safetensors when it fits)."""
+    from megaflow.checkpoint.hf_folder import save_safetensors
+    cfg, _, sd = make("llama_gqa", untie_embeddings_and_output_weights=True)
+    save_full_state_dict(cfg, sd, str(tmp_path / "ckpt"))
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "exported"), max_shard_bytes=10 ** 9)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    hf_sd = model.state_dict()
+    model.save_pretrained(tmp_path / "theirs", state_dict=hf_sd, max_shard_size=max_size)
+    os.makedirs(tmp_path / "ours")
+    names = save_safetensors(hf_sd, str(tmp_path / "ours"), max_size)
+    theirs = sorted(f for f in os.listdir(tmp_path / "theirs") if f.startswith("model"))
+    assert sorted(names + ([SAFE_INDEX] if len(names) > 1 else [])) == theirs
+    assert (len(names) > 2) == (max_size != "1MB")
+    if len(names) > 1:
+        ours_index = (tmp_path / "ours" / SAFE_INDEX).read_text()
+        assert ours_index == (tmp_path / "theirs" / SAFE_INDEX).read_text()  # the very text
+    for f in names:
+        with safe_open(str(tmp_path / "ours" / f), "pt") as a, safe_open(str(tmp_path / "theirs" / f), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_default_shard_size_is_transformers_default():
+    import inspect
+    from megaflow.checkpoint.hf_folder import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SIZE, parse_size
+    default = inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+    assert DEFAULT_MAX_SHARD_SIZE == default and parse_size(default) == DEFAULT_MAX_SHARD_BYTES == 50 * 10 ** 9
+    assert parse_size("40KB") == 40_000 and parse_size("123") == 123
+    with pytest.raises(ValueError, match="Supported units"):
+        parse_size("5 parsecs")
 
 
 def test_generation_config_and_tokenizer_for_null_tokenizer(tmp_path):

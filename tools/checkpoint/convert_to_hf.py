@@ -1,7 +1,7 @@
 """Export a megaflow checkpoint (any TP/PP/DP/ZeRO layout) as a Hugging Face model folder.
 
     python tools/checkpoint/convert_to_hf.py --load CKPT_DIR --save HF_DIR [--iteration N]
-        [--dtype fp32|bf16|fp16] [--max-shard-size 5GB] [--tokenizer-model PATH]
+        [--dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--tokenizer-model PATH]
 
 The folder loads with transformers' AutoModelForCausalLM (LlamaForCausalLM or GPT2LMHeadModel) and
 serves with vLLM (tools/serve.py). See docs/conversion.md.
@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megaflow.checkpoint.convert import DTYPES, export_to_hf  # noqa: E402
-from megaflow.checkpoint.hf_folder import parse_size  # noqa: E402
+from megaflow.checkpoint.hf_folder import DEFAULT_MAX_SHARD_SIZE, parse_size  # noqa: E402
 from megaflow.errors import naming, run_tool  # noqa: E402
 
 
@@ -23,14 +23,20 @@ def main(argv=None) -> int:
     p.add_argument("--save", required=True, help="output Hugging Face folder")
     p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
-    p.add_argument("--max-shard-size", default="5GB", help="split the weights into shards above this size")
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                   help="split the weights into shards of at most this size (huggingface_hub's units: KB, MB, GB, "
+                        "TB are powers of ten; default: transformers' save_pretrained default, %(default)s)")
     p.add_argument("--tokenizer-model", default=None,
                    help="tokenizer file/folder to export, if not where the checkpoint's config says")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     args = p.parse_args(argv)
+    try:
+        max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as e:
+        p.error(f"--max-shard-size {args.max_shard_size!r}: {e}")
     with naming("--load", args.load):
-        config = export_to_hf(args.load, args.save, args.iteration, DTYPES[args.dtype],
-                              parse_size(args.max_shard_size), args.tokenizer_model, tokenizer=not args.no_tokenizer)
+        config = export_to_hf(args.load, args.save, args.iteration, DTYPES[args.dtype], max_shard_bytes,
+                              args.tokenizer_model, tokenizer=not args.no_tokenizer)
     print(f"exported {config['architectures'][0]} ({args.dtype}) to {args.save}")
     return 0
 

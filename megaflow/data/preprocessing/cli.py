@@ -4,17 +4,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megaflow.data.preprocessing.reader import DEFAULT_MAX_LINE_BYTES
 from megaflow.data.tokenizers import TOKENIZER_TYPES, TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preprocess_data.py", allow_abbrev=False,
-        description="JSONL -> Megatron .bin/.idx (MMIDIDX v1). A drop-in for Megatron-LM's "
-                    "tools/preprocess_data.py: same flags, same output bytes, streaming and bounded memory.")
+        description="JSONL (.jsonl, .jsonl.gz, .jsonl.zst), Parquet or a saved Hugging Face dataset -> Megatron "
+                    ".bin/.idx (MMIDIDX v1). A drop-in for Megatron-LM's tools/preprocess_data.py: same flags, "
+                    "same output bytes, streaming and bounded memory; a bad document is skipped and reported.")
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True, help="a .jsonl/.jsonl.gz file, a glob, or a comma-separated list")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="one or more inputs (files, globs, comma-separated lists), read in order: .jsonl (any other "
+                        "name is read as JSON lines too), .jsonl.gz, .jsonl.zst, .parquet, or a directory written "
+                        "by datasets' save_to_disk")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys to extract (default: text); the column names for Parquet and saved datasets")
     g.add_argument("--split-sentences", action="store_true",
                    help="one sequence per sentence (a built-in punctuation splitter; output level 'sentence')")
     g.add_argument("--keep-newlines", action="store_true", help="keep newlines between split sentences")
@@ -44,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dedup", action="store_true", help="drop exact duplicates (hash of the normalised text)")
     g = p.add_argument_group("bad input")
     g.add_argument("--strict", action="store_true",
-                   help="stop at the first malformed / non-UTF-8 / key-less / empty line instead of skipping it")
+                   help="stop at the first document that would be skipped (malformed, wrong type, rejected by the "
+                        "tokenizer, ...) instead of skipping it")
+    g.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES,
+                   help="skip (and report) lines longer than this; the reader never holds more of one (default 64 MiB)")
     return p
 
 
@@ -65,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--min-chars is larger than --max-chars")
     if args.chunk_bytes < 1024:
         p.error("--chunk-bytes must be at least 1024")
+    if args.max_line_bytes < 1024:
+        p.error("--max-line-bytes must be at least 1024")
     return args
 
 
@@ -74,7 +85,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         stats = run(args)
-    except (PreprocessError, TokenizerError, FileNotFoundError) as e:
+    except (PreprocessError, TokenizerError, OSError) as e:  # OSError: unreadable input, full disk
         print(f"preprocess_data.py: error: {e}", file=sys.stderr)
         return 1
     except BrokenProcessPool:

@@ -1,16 +1,15 @@
-"""Worker side of preprocessing: a chunk of JSONL bytes -> token arrays, per-document metadata, issues.
+"""Worker side of preprocessing: a chunk of input -> token arrays, per-document metadata, issues.
 
 Megatron's per-document semantics: each JSON key is tokenized separately; a string value is one
 sequence (or several with --split-sentences), a list of strings is one sequence per non-empty entry;
---append-eod adds EOD to a document's last sequence. Unlike Megatron, a bad line (malformed JSON,
-non-UTF-8 bytes, a missing key) or an empty document is counted and skipped instead of crashing or
-writing an empty document; a document is skipped for all keys at once, so the outputs stay aligned.
+--append-eod adds EOD to a document's last sequence. Unlike Megatron, nothing confined to one document
+stops the run: a bad line, a wrong type, text the tokenizer rejects or an empty document is counted
+under its reason (documents.py), reported with its file and line, and skipped for all keys at once,
+so the outputs stay aligned. The worker catches it where it happens; the run never sees a traceback.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Dict, List, Optional
@@ -18,31 +17,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from megaflow.data.preprocessing.clean import Cleaner, text_hash
-from megaflow.data.preprocessing.reader import Chunk
+from megaflow.data.preprocessing.documents import ISSUES, Skip, records, split_sentences, texts_of
+from megaflow.data.preprocessing.reader import DEFAULT_MAX_LINE_BYTES, Chunk
 
-ISSUES = ("malformed_json", "non_utf8", "missing_key", "empty")
 MAX_EXAMPLES = 5  # issue examples kept per category (per chunk here, overall in the summary)
-
-_SENT_END = re.compile(r"[.!?]+[\"')\]]*(\s+)")
-
-
-def split_sentences(text: str, keep_newlines: bool = False) -> List[str]:
-    """A dependency-free sentence splitter: breaks after ., ! or ? (and closing quotes) followed by
-    whitespace. With keep_newlines, newlines after a sentence stay attached to it."""
-    out, start = [], 0
-    for m in _SENT_END.finditer(text):
-        end = m.start(1)
-        if keep_newlines:
-            ws = m.group(1)
-            end += len(ws) - len(ws.lstrip("\n"))
-        s = text[start:end]
-        if s.strip():
-            out.append(s if keep_newlines else s.strip())
-        start = m.end()
-    s = text[start:]
-    if s.strip():
-        out.append(s if keep_newlines else s.strip())
-    return out
+__all__ = ["ISSUES", "MAX_EXAMPLES", "EncoderSpec", "Encoded", "init_worker", "encode_chunk", "split_sentences"]
 
 
 @dataclass
@@ -54,6 +33,7 @@ class EncoderSpec:
     split_sentences: bool = False
     keep_newlines: bool = False
     cleaning: Dict[str, object] = field(default_factory=dict)
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
 
 
 @dataclass
@@ -69,12 +49,14 @@ class Encoded:
     chars: int                             # characters of the kept documents
     nbytes: int                            # input bytes of the chunk
     progress: int
+    lines: int = 0                         # lines (rows) the chunk held: kept + skipped + blank
 
 
 class _State:
     tokenizer = None
     cleaner: Cleaner = None
     spec: EncoderSpec = None
+    vocab_size: int = 0
 
 
 def init_worker(spec: EncoderSpec, single_threaded: bool = True) -> None:
@@ -90,6 +72,7 @@ def init_worker(spec: EncoderSpec, single_threaded: bool = True) -> None:
     if single_threaded and hasattr(_State.tokenizer, "num_threads"):
         _State.tokenizer.num_threads = 1
     _State.cleaner = Cleaner(**spec.cleaning)
+    _State.vocab_size = _State.tokenizer.vocab_size
 
 
 def encode_chunk(chunk: Chunk) -> Encoded:
@@ -103,69 +86,64 @@ def encode_chunk(chunk: Chunk) -> Encoded:
         if sum(1 for e in examples if e[0] == reason) < MAX_EXAMPLES:
             examples.append((reason, chunk.file_index, line, msg))
 
-    lines = chunk.data.split(b"\n")
-    if chunk.data.endswith(b"\n"):
-        lines.pop()
+    # Lone surrogates can only come from \ud800-\udfff escapes: look for them only where one is written.
+    check_unicode = b"\\ud" in chunk.data or b"\\uD" in chunk.data
     texts = {k: [] for k in keys}      # key -> per document: list of sequences (strings)
-    doc_lines, hashes, chars = [], [], 0
-    for i, raw in enumerate(lines):
-        lineno = chunk.first_line + i
-        if not raw.strip():
+    doc_lines, hashes, chars, nlines = [], [], 0, 0
+    for i, rec in records(chunk, keys, spec.max_line_bytes):
+        nlines += 1
+        if rec is None:
             counts["blank_lines"] += 1
             continue
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            issue("non_utf8", lineno, f"invalid UTF-8 byte at column {e.start + 1}")
+            if isinstance(rec, Skip):
+                raise rec
+            doc = {k: [cleaner.clean(t) for t in seqs] for k, seqs in texts_of(rec, keys, check_unicode).items()}
+            if any(not any(t.strip() for t in doc[k]) for k in keys):
+                raise Skip("empty", "empty text")
+            whole = "".join(doc[keys[0]]) if len(keys) == 1 else "\x00".join("".join(doc[k]) for k in keys)
+            verdict = cleaner.length_verdict(whole)
+            if verdict:
+                counts[verdict] += 1
+                continue
+            if spec.split_sentences:
+                doc = {k: [s for t in doc[k] for s in split_sentences(t, spec.keep_newlines)] for k in keys}
+            digest = text_hash(whole) if cleaner.dedup else None
+        except Skip as e:
+            issue(e.reason, chunk.first_line + i, e.message)
             continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            issue("malformed_json", lineno, str(e))
+        except Exception as e:  # a failure nobody foresaw, still confined to this document
+            issue("error", chunk.first_line + i, f"{type(e).__name__}: {e}")
             continue
-        if not isinstance(obj, dict):
-            issue("malformed_json", lineno, f"expected a JSON object, got {type(obj).__name__}")
-            continue
-        doc, bad = {}, None
-        for k in keys:
-            v = obj.get(k)
-            if isinstance(v, str):
-                doc[k] = [cleaner.clean(v)]
-            elif isinstance(v, list) and all(isinstance(s, str) for s in v):
-                doc[k] = [cleaner.clean(s) for s in v]
-            else:
-                bad = f"key {k!r} is missing" if v is None else f"key {k!r} is not a string"
-                break
-        if bad:
-            issue("missing_key", lineno, bad)
-            continue
-        if any(not any(s.strip() for s in doc[k]) for k in keys):
-            issue("empty", lineno, "empty text")
-            continue
-        whole = "".join(doc[keys[0]]) if len(keys) == 1 else "\x00".join("".join(doc[k]) for k in keys)
-        verdict = cleaner.length_verdict(whole)
-        if verdict:
-            counts[verdict] += 1
-            continue
-        if cleaner.dedup:
-            hashes.append(text_hash(whole))
+        if digest is not None:
+            hashes.append(digest)
         chars += len(whole)
         for k in keys:
-            seqs = doc[k]
-            if spec.split_sentences:
-                seqs = [s for t in seqs for s in split_sentences(t, spec.keep_newlines)]
-            texts[k].append(seqs)
+            texts[k].append(doc[k])
         doc_lines.append(chunk.global_line + i)
 
-    out_tokens, out_lens, out_nseq = {}, {}, {}
+    def line_of(j):
+        return chunk.first_line + doc_lines[j] - chunk.global_line
+
+    encoded = {k: _encode(tok, texts[k]) for k in keys}
     keep = np.ones(len(doc_lines), dtype=bool)
     for k in keys:
-        ids, nseq, seq_lens = _tokenize(tok, texts[k])
-        out_tokens[k], out_lens[k], out_nseq[k] = ids, seq_lens, nseq
-        keep &= nseq > 0  # every sequence tokenized to nothing
+        for j, why in encoded[k][1].items():
+            if keep[j]:
+                issue("tokenizer_error", line_of(j), f"key {k!r}: {why}")
+            keep[j] = False
+    out_tokens, out_lens, out_nseq = {}, {}, {}
+    for k in keys:
+        out_tokens[k], out_nseq[k], out_lens[k] = _pack(encoded[k][0], texts[k])
+        bad = _out_of_vocab(out_tokens[k], out_lens[k], out_nseq[k], _State.vocab_size)
+        for j in np.flatnonzero(bad & keep):
+            issue("tokenizer_error", line_of(j), f"key {k!r}: token id outside the vocabulary [0, {_State.vocab_size})")
+        keep &= ~bad
+    for j in np.flatnonzero(keep & np.logical_or.reduce([out_nseq[k] == 0 for k in keys])):
+        issue("empty", line_of(j), "no tokens after tokenization")
+    for k in keys:
+        keep &= out_nseq[k] > 0
     if not keep.all():
-        for j in np.flatnonzero(~keep):
-            issue("empty", chunk.first_line + doc_lines[j] - chunk.global_line, "no tokens after tokenization")
         for k in keys:
             out_tokens[k], out_lens[k], out_nseq[k] = _select(out_tokens[k], out_lens[k], out_nseq[k], keep)
     dtype = np.dtype(spec.dtype)
@@ -177,25 +155,62 @@ def encode_chunk(chunk: Chunk) -> Encoded:
             lens = lens.copy()
             lens[last] += 1
         out_tokens[k], out_lens[k] = t.astype(dtype, copy=False), lens
+    nbytes = len(chunk.data) if chunk.records is None else chunk.records.nbytes
     return Encoded(out_tokens, out_lens, out_nseq, np.asarray(doc_lines, np.int64)[keep],
                    np.asarray(hashes, np.uint64)[keep] if cleaner.dedup else None, counts, examples,
-                   chars, len(chunk.data), chunk.progress)
+                   chars, nbytes, chunk.progress, nlines)
 
 
-def _tokenize(tok, docs: List[List[str]]):
-    """Tokenize every sequence of every document in one batch; drop sequences with no tokens."""
+def _encode(tok, docs: List[List[str]]):
+    """Token lists of every sequence of every document, in one batch; when the batch raises, document
+    by document, so only the documents the tokenizer rejects are lost. Returns (lists or None per
+    document, {document: why it failed})."""
     flat = [s for seqs in docs for s in seqs]
-    doc_of_seq = np.repeat(np.arange(len(docs)), [len(s) for s in docs])
-    encoded = tok.tokenize_batch(flat) if flat else []
-    lens = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
-    ids = np.fromiter(chain.from_iterable(encoded), dtype=np.int64, count=int(lens.sum()))
+    try:
+        encoded = tok.tokenize_batch(flat) if flat else []
+        out, pos = [], 0
+        for seqs in docs:
+            out.append(encoded[pos:pos + len(seqs)])
+            pos += len(seqs)
+        return out, {}
+    except Exception:
+        pass
+    out, failed = [], {}
+    for j, seqs in enumerate(docs):
+        try:
+            out.append(tok.tokenize_batch(seqs))
+        except Exception as e:
+            out.append(None)
+            failed[j] = f"{type(e).__name__}: {e}"[:300]
+    return out, failed
+
+
+def _pack(per_doc, docs: List[List[str]]):
+    """(all ids int64, sequences per document int32, lengths of the non-empty sequences int32); a
+    failed document (None) has no sequences."""
+    seqs = [s for enc in per_doc if enc is not None for s in enc]
+    counts = [len(enc) if enc is not None else 0 for enc in per_doc]
+    doc_of_seq = np.repeat(np.arange(len(docs)), counts)
+    lens = np.fromiter(map(len, seqs), dtype=np.int32, count=len(seqs))
+    ids = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lens.sum()))
     nonempty = lens > 0
     nseq = np.bincount(doc_of_seq[nonempty], minlength=len(docs)).astype(np.int32)
     return ids, nseq, lens[nonempty]
 
 
+def _out_of_vocab(ids, seq_lens, nseq, vocab_size) -> np.ndarray:
+    """Which documents hold an id the dtype or the model cannot represent (a tokenizer bug, or a
+    NullTokenizer text with numbers past --vocab-size)."""
+    bad_tok = (ids < 0) | (ids >= vocab_size)
+    if not bad_tok.any():
+        return np.zeros(len(nseq), dtype=bool)
+    seq_of_tok = np.repeat(np.arange(len(seq_lens)), seq_lens)
+    doc_of_seq = np.repeat(np.arange(len(nseq)), nseq)
+    return np.bincount(doc_of_seq[seq_of_tok[bad_tok]], minlength=len(nseq)) > 0
+
+
 def _select(tokens: np.ndarray, seq_lens: np.ndarray, nseq: np.ndarray, keep: np.ndarray):
-    """The documents where keep is True (arrays as produced by _tokenize)."""
+    """The documents where keep is True (arrays as produced by _pack)."""
     seq_keep = np.repeat(keep, nseq)
     tok_keep = np.repeat(seq_keep, seq_lens)
     return tokens[tok_keep], seq_lens[seq_keep], nseq[keep]
