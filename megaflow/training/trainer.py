@@ -271,8 +271,12 @@ class _Trainer:
         self._published(self.writer.wait())  # the previous --async-save, if its thread is still writing
         path = self.writer.save(r.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
                                 r.consumed_samples, self.cfg.to_json(), extra)
+        stall = f"training stalled {self.writer.last_stall:.3f} s"  # what the save cost the loop, on rank 0
         if path is None:
-            log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save)")
+            log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save): "
+                             f"{stall} for the copy to host")
+        else:
+            log.print_rank_0(f"checkpoint of iteration {r.iteration} written synchronously ({stall})")
         self._published(path)
 
     def _published(self, path):
