@@ -12,11 +12,13 @@ from typing import Optional
 from megaflow.config.data import DataConfig
 from megaflow.config.model import ModelConfig
 from megaflow.config.parallel import ParallelConfig
+from megaflow.config.performance import PerformanceConfig
 from megaflow.config.training import CheckpointConfig, LoggingConfig, TrainingConfig
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
-            "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+            "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+            "performance": PerformanceConfig}
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     # Derived at validation from the world size; not flags.
     world_size: int = 1
     data_parallel_size: int = 1

@@ -33,7 +33,10 @@ def build_optimizer(cfg, model) -> MegaflowOptimizer:
     chunks = model_chunks(model)
     decay = {param: 0.0 if no_weight_decay(name, param) else t.weight_decay
              for chunk in chunks for name, param in chunk.named_parameters()}
-    return MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
-                             sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
-                             bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-                             overlap_param_gather=p.overlap_param_gather)
+    optimizer = MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
+                                  sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
+                                  bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+                                  overlap_param_gather=p.overlap_param_gather)
+    if cfg.performance.gradient_accumulation_fusion:
+        optimizer.sync.enable_gradient_accumulation_fusion()
+    return optimizer
