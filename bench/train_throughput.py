@@ -18,6 +18,7 @@ attention's six batched products of a causal step counted at half their full siz
 a fraction: ceiling time / step time (1.0 = nothing but matmuls).
 
     python bench/train_throughput.py [--steps 20] [--no-compile]
+    python bench/train_throughput.py --profile      # torch.profiler table of one megaflow eager step
 """
 import argparse
 import os
@@ -115,13 +116,26 @@ def matmul_ceiling_seconds(ffn, repeats=3) -> float:
     return total
 
 
+def profile(step, rows=15):
+    tokens = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        step(tokens)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(tokens)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps of each")
     ap.add_argument("--no-compile", action="store_true", help="eager runners only (no compile time)")
+    ap.add_argument("--profile", action="store_true", help="print where one megaflow eager step spends its time")
     args = ap.parse_args()
     runners = {}
     mf_step, mf_params, ffn = megaflow_runner(1e-4)
+    if args.profile:
+        profile(mf_step)
+        return
     runners["megaflow eager"] = mf_step
     runners["megaflow eager, unfused"] = megaflow_runner(1e-4, fusion=False)[0]
     hf_step, hf_params = hf_runner(1e-4, ffn)

@@ -40,6 +40,9 @@ def compile_blocks(model, cfg) -> int:
         # captures real Triton launches into the block's graph.
         raise ConfigError("--compile with --attention-backend/--norm-backend triton needs a GPU: the Triton "
                           "interpreter (TRITON_INTERPRET=1, CPU) cannot be compiled; use the torch backends on CPU")
+    # A block's only side effect is the RoPE table it caches on first use (gpt.py): with full
+    # recompute that happens inside the checkpoint, and replaying it in backward is not needed.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     chunks = list(model) if isinstance(model, nn.ModuleList) else [model]
     n = 0
     for chunk in chunks:

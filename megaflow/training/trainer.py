@@ -15,6 +15,7 @@ from megaflow.checkpoint.rng import set_rng_state
 from megaflow.config import Config, format_config, num_microbatches, set_vocab_size, virtual_pipeline_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from megaflow.model import build_model
+from megaflow.model.compile import compile_seconds
 from megaflow.optim.loss_scaler import build_loss_scaler
 from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
@@ -188,6 +189,9 @@ class _Trainer:
             self.scheduler.step()
             elapsed = time.perf_counter() - start
             r.iteration += 1
+            if cfg.performance.compile and r.iteration == self.start_iteration + 1:
+                log.print_rank_0(f"--compile: {compile_seconds():.1f} s of the first iteration ({elapsed:.1f} s) "
+                                 "spent compiling the transformer blocks")
             r.consumed_samples += t.global_batch_size
             if self.writer is not None:
                 self._published(self.writer.poll())  # an --async-save that finished meanwhile

@@ -88,9 +88,12 @@ def test_compiled_training_matches_eager_and_reports_compile_time():
     """Full recompute around compiled blocks, two micro-batches, two AdamW steps."""
     kw = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     _m, _o, eager = train(tiny(**kw))
+    from torch._dynamo.utils import counters
+    counters.clear()
     before = compile_seconds()
     model, _o, compiled = train(tiny(compile=True, **kw))
     assert compiled == pytest.approx(eager, rel=1e-5)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] >= 1
     assert compile_seconds() > before
     # Compiled in place: the parameter names (and so checkpoints) are unchanged.
     assert all("_orig_mod" not in n for n, _ in model.named_parameters())
