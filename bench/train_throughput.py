@@ -11,8 +11,8 @@ fp32 on CPU. Every runner does forward + backward + global-norm clip + AdamW on 
     transformers eager        LlamaForCausalLM, SDPA attention
     transformers compiled     the same with each decoder layer compiled on its own (as megaflow)
 
-Steps rotate between the runners (A B C D E A B ...) so machine noise hits all alike; the median step
-time of each is kept. The ceiling is the step's own matrix multiplications timed alone with torch.mm on
+Steps rotate between the runners (A B C D E ceiling A B ...) so machine noise hits all alike; the
+median step time of each is kept. The ceiling is the step's own matrix multiplications timed alone with torch.mm on
 the same shapes (per linear layer: forward, input gradient, weight gradient; the output layer too;
 attention's six batched products of a causal step counted at half their full size) and is printed as
 a fraction: ceiling time / step time (1.0 = nothing but matmuls).
@@ -90,30 +90,32 @@ def _time(fn, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def matmul_ceiling_seconds(ffn, repeats=3) -> float:
-    """The step's own matrix multiplications timed alone (see the module docstring)."""
+def matmul_ceiling(ffn):
+    """A function timing the step's own matrix multiplications alone (see the module docstring). Its
+    tensors are made once: allocating and freeing them at every call would make the step timed right
+    after it pay for the page faults."""
     tokens = MBS * SEQ
     head_dim = HIDDEN // HEADS
-    linears = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * ffn), (ffn, HIDDEN)] * LAYERS
-    linears.append((HIDDEN, VOCAB))                                       # output layer
-    total = 0.0
-    shapes = {}
-    for n_in, n_out in linears:
-        shapes[(n_in, n_out)] = shapes.get((n_in, n_out), 0) + 1
-    for (n_in, n_out), count in shapes.items():
-        x, w = torch.randn(tokens, n_in), torch.randn(n_out, n_in)
-        g = torch.randn(tokens, n_out)
-        fwd = _time(lambda: torch.mm(x, w.t()), repeats)
-        dx = _time(lambda: torch.mm(g, w), repeats)
-        dw = _time(lambda: torch.mm(g.t(), x), repeats)
-        total += count * (fwd + dx + dw)
+    counts = {}
+    for shape in [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * ffn), (ffn, HIDDEN)] * LAYERS + \
+            [(HIDDEN, VOCAB)]:                                            # + the output layer
+        counts[shape] = counts.get(shape, 0) + 1
+    linears = [(count, torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out))
+               for (n_in, n_out), count in counts.items()]
     q = torch.randn(MBS * HEADS, SEQ, head_dim)
     p = torch.randn(MBS * HEADS, SEQ, SEQ)
-    qk = _time(lambda: torch.bmm(q, q.transpose(1, 2)), repeats)         # Q K^T, and dP = dO V^T alike
-    pv = _time(lambda: torch.bmm(p, q), repeats)                         # P V, dQ = dS K, dK = dS^T Q alike
-    dv = _time(lambda: torch.bmm(p.transpose(1, 2), q), repeats)         # dV = P^T dO
-    total += LAYERS * 0.5 * (2 * qk + 3 * pv + dv)
-    return total
+
+    def seconds(repeats=1):
+        total = 0.0
+        for count, x, w, g in linears:
+            total += count * (_time(lambda: torch.mm(x, w.t()), repeats)      # forward
+                              + _time(lambda: torch.mm(g, w), repeats)        # input gradient
+                              + _time(lambda: torch.mm(g.t(), x), repeats))   # weight gradient
+        qk = _time(lambda: torch.bmm(q, q.transpose(1, 2)), repeats)     # Q K^T, and dP = dO V^T alike
+        pv = _time(lambda: torch.bmm(p, q), repeats)                     # P V, dQ = dS K, dK = dS^T Q alike
+        dv = _time(lambda: torch.bmm(p.transpose(1, 2), q), repeats)     # dV = P^T dO
+        return total + LAYERS * 0.5 * (2 * qk + 3 * pv + dv)
+    return seconds
 
 
 def profile(step, rows=15):
@@ -156,12 +158,14 @@ def main():
         warm[name] = (time.perf_counter() - start, compile_seconds() - before)
         step(batches[0])
     times = {name: [] for name in runners}
+    ceiling_seconds, ceilings = matmul_ceiling(ffn), []
     for tokens in batches:
         for name, step in runners.items():
             start = time.perf_counter()
             step(tokens)
             times[name].append(time.perf_counter() - start)
-    ceiling = matmul_ceiling_seconds(ffn)
+        ceilings.append(ceiling_seconds())  # in the rotation: the same machine state as the steps
+    ceiling = statistics.median(ceilings)
     tokens_per_step = MBS * SEQ
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"ceiling: the step's matmuls alone take {ceiling * 1e3:.0f} ms")

@@ -1,4 +1,4 @@
-"""Worker for test_perf_options.py: --compile and --gradient-accumulation-fusion on 2 gloo ranks,
+"""Worker for test_perf_layouts.py: --compile and --gradient-accumulation-fusion on 2 gloo ranks,
 each layout trained twice from the same seed and data, eagerly without fusion and with both options;
 the per-step losses of the two go to OUT_DIR/<name>_rank<r>.json. One launch runs every layout:
 
