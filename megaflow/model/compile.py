@@ -8,9 +8,12 @@ unchanged. Full activation recompute moves inside the compiled region: a recompu
 backward would run eagerly (dynamo does not run there) and save other tensors than the compiled
 forward did, so each recomputed block is compiled together with its checkpoint (torchtitan's order:
 checkpoint, then compile), one checkpoint per block; with --recompute-method uniform and
---recompute-num-layers k > 1 that keeps the input of every block instead of every k-th. Inside a block dynamo traces the tensor-parallel layers' autograd functions and their
-collectives (parallel/mappings.py), selective recompute (torch.utils.checkpoint) and dropout; a test
-counts the graph breaks of a block (none).
+--recompute-num-layers k > 1 that keeps the input of every block instead of every k-th. Inside a block
+dynamo traces the tensor-parallel layers' autograd functions and their collectives
+(parallel/mappings.py) and selective recompute (torch.utils.checkpoint); tests count the graph breaks
+(none) under TP/SP, DP/ZeRO and both pipeline schedules. Dropout under tensor parallelism switches RNG
+streams (parallel/random.py), which dynamo cannot trace: with dropout > 0 and TP > 1 a block breaks
+its graph there.
 
 Compilation happens at a block's first call (its backward graph at its first backward), i.e. inside
 the first training iteration; compile_seconds() reads the time dynamo and inductor spent, which the

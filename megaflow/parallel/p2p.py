@@ -6,9 +6,9 @@ when the step that consumes it runs, and the sends as an Outgoing, waited for wh
 the transfer finished (at the latest, at the end of the step). A sender thus never idles until its
 neighbour is ready to receive, and a transfer overlaps whatever compute runs between its post and its
 wait. (With NCCL the batch is one coalesced operation: waiting for any part of it waits, on the GPU
-stream only, for all of it.) exchange() is the blocking form. Shapes and dtype are known ahead (sequence × micro-batch × hidden, the
-sequence split over TP under sequence parallelism), so receivers allocate their buffers without a
-shape handshake; a send of any other shape is refused rather than left to corrupt the receiver.
+stream only, for all of it.) exchange() is the blocking form. Shapes and dtype are known ahead
+(sequence × micro-batch × hidden, the sequence split over TP under sequence parallelism), so receivers
+allocate their buffers without a shape handshake; a send of any other shape is refused rather than left to corrupt the receiver.
 
 Neighbours are taken around the ring of the pipeline group: the last stage's "next" is the first stage
 (the interleaved schedule sends the last stage's chunk output to the first stage's next chunk). Each

@@ -13,7 +13,8 @@ tensors. Transfers are posted asynchronously (p2p.post): a received tensor is wa
 step that consumes it, and sends are waited for at the end of the step (finished ones are dropped on
 the way), so no stage idles until its neighbour is ready to receive and transfers overlap compute.
 Memory: once a stage output has been sent, its values are freed and only its autograd node
-kept (deallocate_output; an in-flight send holds the storage until it completes), so a 1F1B stage holds the activations of at most PP − rank micro-batches.
+kept (deallocate_output; an in-flight send holds the storage until it completes), so a 1F1B stage holds
+the activations of at most PP − rank micro-batches.
 Each schedule returns the detached per-micro-batch losses on the last stage, [] elsewhere.
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ Ops: "F" forward, "B" backward of one (chunk, micro-batch), "wait" time blocked 
 Times are seconds from the step's start, a common instant for every rank: ranks on one host share
 the monotonic clock, so they all take the same start (the earliest barrier exit, exchanged with one
 all-reduce) and their rows line up exactly; across hosts each rank starts its clock as it leaves a
-barrier (rows then line up to within the barrier's skew, a few milliseconds on a loaded machine). Recording is off unless a step is being recorded;
-then it costs two clock reads per op (and the barrier once per recorded step).
+barrier (rows then line up to within the barrier's skew, a few milliseconds on a loaded machine).
+Recording is off unless a step is being recorded; then it costs two clock reads per op (and the barrier once per recorded step).
 
     recorder = TimelineRecorder(out_dir, iterations=3)    # --pipeline-timeline-dir/-iters
     with recorder.step(iteration):                        # records the first `iterations` steps
