@@ -92,7 +92,8 @@ def main():
             rep = timeline.measure(timeline.load(out))
             print(f"PP={pp} V={v} M={args.microbatches}: measured bubble {rep['measured']:.3f} "
                   f"(per stage {' '.join(f'{b:.3f}' for b in rep['measured_per_stage'])}) | "
-                  f"theory {rep['theory']:.3f} | simulated with measured F/B times "
+                  f"theory {rep['theory']:.3f} (measured / theory {rep['measured'] / rep['theory']:.2f}) | "
+                  f"simulated with measured F/B times "
                   f"{rep['simulated_with_measured_times']:.3f}", flush=True)
     state.destroy()
 

@@ -3,8 +3,10 @@ from a background thread (--async-save), and rank 0 publishes the iteration once
 
 A save, on every rank:
   1. rank 0 clears debris of interrupted saves and creates iter_{:07d}.tmp/ (barrier);
-  2. this rank's pieces are copied to CPU (synchronously: training may change the parameters as soon
-     as save() returns) and the index of every rank's pieces is gathered on rank 0;
+  2. this rank's pieces are copied to host buffers reused across saves (checkpoint/staging.py; from a
+     GPU: non_blocking into page-locked memory, fenced by an event the writer waits for) before save()
+     returns, since training may change the parameters right after; the index of every rank's pieces
+     is gathered on rank 0;
   3. the rank file is written and fsync'ed, in a thread with --async-save;
   4. finalize, a collective: every rank reports its file (size, or the error); rank 0 writes
      metadata.json, renames iter_{:07d}.tmp to iter_{:07d}, then rewrites the tracker, then applies the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,7 @@ from torch import nn
 
 from megaflow.checkpoint import format as fmt
 from megaflow.checkpoint.rng import get_rng_state, to_tensors
+from megaflow.checkpoint.staging import HostStaging
 from megaflow.model.init import full_shape, global_name
 from megaflow.parallel import state
 
@@ -47,8 +51,9 @@ def _writes(p, is_copy: bool, replicated_over_dp: bool) -> bool:
     return not is_copy and (st.tp_rank == 0 or tp_sharded) and (st.dp_rank == 0 or not replicated_over_dp)
 
 
-def collect_rank_state(model, optimizer) -> tuple[dict, dict, dict]:
-    """(tensors {key: CPU copy}, index {key: entry with this rank's piece}, scalars) of this rank."""
+def collect_rank_state(model, optimizer, staging: HostStaging | None = None) -> tuple[dict, dict, dict]:
+    """(tensors {key: CPU copy}, index {key: entry with this rank's piece}, scalars) of this rank. With
+    a staging area the copies go to its reused host buffers (valid once its fence() has waited)."""
     st = state.get()
     tensors, index, scalars = {}, {}, {}
     if optimizer is not None:
@@ -56,7 +61,8 @@ def collect_rank_state(model, optimizer) -> tuple[dict, dict, dict]:
 
     def add(kind, name, p, data, lo, hi):
         key = fmt.tensor_key(kind, name)
-        tensors[key] = data.detach().to("cpu", copy=True).contiguous()
+        tensors[key] = (staging.copy(key, data) if staging is not None
+                        else data.detach().to("cpu", copy=True).contiguous())
         index[key] = fmt.piece_entry(fmt.sharding_of(p), data.dtype, full_shape(p), p.shape, st.tp_rank,
                                      st.tp_size, lo, hi)
 
@@ -109,8 +115,9 @@ class _Pending:
         self.iteration, self.metadata, self.fname = iteration, metadata, fname
         self.size, self.error, self.thread = None, None, None
 
-    def write(self, path, tensors, header):
+    def write(self, path, tensors, header, fence):
         try:
+            fence.wait()  # the device-to-host copies have landed
             self.size = fmt.write_rank_file(path, tensors, header)
         except BaseException as e:  # reported to rank 0 at finalize; the tracker is not touched
             self.error = f"{path}: {type(e).__name__}: {e}"
@@ -124,17 +131,30 @@ class CheckpointWriter:
         self.root, self.async_save = root, async_save
         self.keep_last, self.retain_interval = keep_last, retain_interval
         self.pending: _Pending | None = None
+        self.staging = HostStaging()
+        self.last_stall: float | None = None  # seconds the last save() held up its caller
+
 
     def save(self, iteration, model, optimizer, scheduler, scaler, consumed_samples: int, config_json: str,
              extra: dict | None = None) -> str | None:
-        """Save (or start saving) `iteration`; returns its folder once complete, None while in flight."""
+        """Save (or start saving) `iteration`; returns its folder once complete, None while in flight.
+        last_stall is then the time the call took: the whole save when synchronous; with async_save
+        the wait for a previous save still writing, the copy to host and the index exchange."""
+        start = time.perf_counter()
+        try:
+            return self._save(iteration, model, optimizer, scheduler, scaler, consumed_samples, config_json, extra)
+        finally:
+            self.last_stall = time.perf_counter() - start
+
+    def _save(self, iteration, model, optimizer, scheduler, scaler, consumed_samples, config_json, extra):
         self.wait()
         st = state.get()
         tmp = fmt.iteration_dir(self.root, iteration) + ".tmp"
         if st.rank == 0:
             fmt.prepare_tmp_dir(self.root, iteration, config_json)
         _barrier()
-        tensors, index, scalars = collect_rank_state(model, optimizer)
+        tensors, index, scalars = collect_rank_state(model, optimizer, self.staging)
+        fence = self.staging.fence()
         rng_tensors, rng_rest = to_tensors(get_rng_state())
         tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
         fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, st.dp_rank)
@@ -157,7 +177,7 @@ class CheckpointWriter:
                         "tensors": fmt.merge_indices({f: i for f, i, _s in gathered}),
                         "scalars": merged_scalars}
         job = _Pending(iteration, metadata, fname)
-        args = (os.path.join(tmp, fname), tensors, header)
+        args = (os.path.join(tmp, fname), tensors, header, fence)
         if self.async_save:
             job.thread = threading.Thread(target=job.write, args=args, name=f"checkpoint-{iteration}", daemon=True)
             job.thread.start()

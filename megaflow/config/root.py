@@ -13,12 +13,13 @@ from megaflow.config.data import DataConfig
 from megaflow.config.model import ModelConfig
 from megaflow.config.parallel import ParallelConfig
 from megaflow.config.resilience import ResilienceConfig
+from megaflow.config.performance import PerformanceConfig
 from megaflow.config.training import CheckpointConfig, LoggingConfig, TrainingConfig
 
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
             "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
-            "resilience": ResilienceConfig}
+            "resilience": ResilienceConfig, "performance": PerformanceConfig}
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     # Derived at validation from the world size; not flags.
     world_size: int = 1
     data_parallel_size: int = 1

@@ -67,6 +67,9 @@ def validate(cfg: Config) -> None:
     _resolve_sharding_strategy(p, need)
     need(p.zero_stage == 1 or p.use_distributed_optimizer,
          f"--zero-stage {p.zero_stage} needs --use-distributed-optimizer")
+    need(not cfg.performance.gradient_accumulation_fusion or not p.use_distributed_optimizer or p.zero_stage == 1,
+         f"--gradient-accumulation-fusion adds into the full fp32 gradient buffer, which --zero-stage "
+         f"{p.zero_stage} does not keep: drop one of them")
     need(t.optimizer != "muon" or p.zero_stage == 1,
          f"--optimizer muon shards whole matrices over data parallel (ZeRO stage 1): drop --zero-stage "
          f"{p.zero_stage}")

@@ -8,7 +8,18 @@ ColumnParallelLinear  Y = X A,  A split by columns: weight [out/tp, in]; each ra
                       gathered input would undo the activation-memory saving sequence parallelism is for.
 RowParallelLinear     Y = X A,  A split by rows: weight [out, in/tp]; partial outputs are all-reduced
                       (or reduce-scattered along the sequence), then the bias is added once.
-At TP=1 both are a plain F.linear.
+At TP=1 both are a plain F.linear, except with --gradient-accumulation-fusion.
+
+Gradient-accumulation fusion (Megatron's --gradient-accumulation-fusion): when the optimizer's gradient
+buffers mark a weight `accumulate_into_main_grad` (optim/grad_buffer.py), backward accumulates the
+weight gradient straight into its fp32 `main_grad` (one addmm per block, no per-parameter gradient
+tensor) and returns no weight gradient. Autograd still runs the weight's post-accumulate hook (with
+nothing to accumulate), so the buffers' bookkeeping (each bucket's countdown to its DP reduction) is
+unchanged; tests/unit/test_perf_options.py checks that it does. Only weights owned by these layers are
+marked: the word-embedding table, which a tied output layer multiplies by, also gets the lookup's
+gradient through autograd and keeps the ordinary path. Inside a compiled block (--compile) backward
+is traced: there the weight gradient is returned as usual and the collectives run synchronously
+(dynamo traces no async collective; inductor orders them).
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ class ColumnParallelLinear(nn.Module):
         self.block_sizes = tuple(size // tp for size in fused_sizes) if separate_blocks else None
         self.weight = _empty(output_size // tp, input_size)
         self.weight.init_std = init_std
+        self.weight.fusable_grad_accumulation = True  # used once per forward: see the module docstring
         mark_tensor_parallel(self.weight, 0, fused_sizes)
         self.bias = None
         if bias:
@@ -67,6 +79,8 @@ def column_parallel_matmul(x, weight, bias=None, sequence_parallel=False, gather
     layer, whose weight is the word-embedding table."""
     if sequence_parallel and state.get().tp_size > 1:
         (y,) = _BlockLinear.apply(x, weight, bias, (weight.shape[0],), True)
+    elif _fuses(weight):
+        (y,) = _BlockLinear.apply(mappings.copy_to_tensor_parallel_region(x), weight, bias, (weight.shape[0],), False)
     else:
         y = F.linear(mappings.copy_to_tensor_parallel_region(x), weight, bias)
     return mappings.gather_from_tensor_parallel_region(y) if gather_output else y
@@ -95,33 +109,57 @@ class _BlockLinear(torch.autograd.Function):
     def backward(ctx, *grads):
         x, weight = ctx.saved_tensors
         dtype = grads[0].dtype
-        if ctx.sequence_parallel:
+        sp, overlap = ctx.sequence_parallel, not torch.compiler.is_compiling()
+        gather = scatter = None
+        if sp and overlap:
             x_full, gather = mappings.all_gather_sequence(x, async_op=True)
+        elif sp:
+            x_full = mappings.all_gather_sequence(x)
         else:
-            x_full, gather = x, None
+            x_full = x
         g2s = [g.reshape(-1, g.shape[-1]) for g in grads]
         w_blocks = weight.to(dtype).split(ctx.sizes)
         grad_x2 = g2s[0].mm(w_blocks[0])
         for g2, w in zip(g2s[1:], w_blocks[1:]):
             grad_x2.addmm_(g2, w)
         grad_x_full = grad_x2.view(*grads[0].shape[:-1], weight.shape[1])
-        scatter = None
-        if gather is not None:
+        if sp and overlap:
             gather.wait()
             grad_x, scatter = mappings.reduce_scatter_sequence(grad_x_full, async_op=True)
+        elif sp:
+            grad_x = mappings.reduce_scatter_sequence(grad_x_full)
         else:
             grad_x = grad_x_full
         x2 = x_full.reshape(-1, x_full.shape[-1]).to(dtype)
-        grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device)
         grad_b = torch.empty(weight.shape[0], dtype=dtype, device=weight.device) if ctx.has_bias else None
-        for g2, w_rows, b_rows in zip(g2s, grad_w.split(ctx.sizes),
-                                      grad_b.split(ctx.sizes) if ctx.has_bias else [None] * len(g2s)):
-            torch.mm(g2.t(), x2, out=w_rows)
-            if b_rows is not None:
+        if grad_b is not None:
+            for g2, b_rows in zip(g2s, grad_b.split(ctx.sizes)):
                 torch.sum(g2, 0, out=b_rows)
+        if _fuses(weight) and overlap:
+            _accumulate_into_main_grad(weight, g2s, x2, ctx.sizes)
+            grad_w = None
+        else:
+            grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+            for g2, w_rows in zip(g2s, grad_w.split(ctx.sizes)):
+                torch.mm(g2.t(), x2, out=w_rows)
         if scatter is not None:
             scatter.wait()
         return grad_x, grad_w, grad_b, None, None
+
+
+def _fuses(weight) -> bool:
+    """Does backward accumulate this weight's gradient into its main_grad (gradient-accumulation fusion)?"""
+    return getattr(weight, "accumulate_into_main_grad", False) and weight.requires_grad
+
+
+def _accumulate_into_main_grad(weight, g2s, x2, sizes):
+    """main_grad[rows of block i] += g_i^T x, in place."""
+    main = weight.main_grad
+    for g2, rows in zip(g2s, main.split(sizes)):
+        if g2.dtype == main.dtype:
+            rows.addmm_(g2.t(), x2)
+        else:  # bf16/fp16 compute into fp32 main grads: one product, added (no mixed-dtype addmm on CPU)
+            rows.add_(g2.t().mm(x2))
 
 
 class RowParallelLinear(nn.Module):
@@ -134,6 +172,7 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.weight = _empty(output_size, input_size // tp)
         self.weight.init_std = init_std
+        self.weight.fusable_grad_accumulation = True
         mark_tensor_parallel(self.weight, 1)
         self.bias = None
         if bias:
@@ -145,7 +184,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_parallel_region(x)
-        y = F.linear(x, self.weight)
+        if _fuses(self.weight):
+            (y,) = _BlockLinear.apply(x, self.weight, None, (self.weight.shape[0],), False)
+        else:
+            y = F.linear(x, self.weight)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:

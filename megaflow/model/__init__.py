@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from megaflow.config import Config, virtual_pipeline_size
+from megaflow.model.compile import compile_blocks
 from megaflow.model.gpt import GPTModel, stage_layer_numbers
 from megaflow.model.init import global_named_parameters, initialize_weights
 from megaflow.parallel import state
@@ -27,4 +28,6 @@ def build_model(cfg: Config) -> GPTModel | nn.ModuleList:
     initialize_weights(model, cfg.training.seed)
     if cfg.training.low_precision_params:  # fp32 main copies live in the optimizer (optim/)
         model.to(torch.bfloat16 if cfg.training.bf16 else torch.float16)
+    if cfg.performance.compile:
+        compile_blocks(model, cfg)
     return model

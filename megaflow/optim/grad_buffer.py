@@ -146,6 +146,19 @@ class GradSync:
                 p._megaflow_grad_hook = p.register_post_accumulate_grad_hook(self._make_hook(buf))
         self.start_step(1)
 
+    def enable_gradient_accumulation_fusion(self) -> int:
+        """--gradient-accumulation-fusion: mark the linear layers' weights (fusable_grad_accumulation) so
+        their backward adds the weight gradient into main_grad itself (layers/linear.py). The
+        post-accumulate hook still fires for them, with no gradient to add, and counts as usual.
+        Returns how many weights."""
+        n = 0
+        for buf in self.buffers:
+            for p in buf.params:
+                if getattr(p, "fusable_grad_accumulation", False):
+                    p.accumulate_into_main_grad = True
+                    n += 1
+        return n
+
     # -- per step ------------------------------------------------------------------------------
     @torch.no_grad()
     def start_step(self, num_microbatches: int) -> None:

@@ -35,8 +35,12 @@ def build_optimizer(cfg, model) -> MegaflowOptimizer:
              for chunk in chunks for name, param in chunk.named_parameters()}
     if t.optimizer == "muon":
         from megaflow.optim.muon import build_muon_optimizer
-        return build_muon_optimizer(cfg, chunks, decay.__getitem__)
-    return MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
-                             sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
-                             bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-                             overlap_param_gather=p.overlap_param_gather)
+        optimizer = build_muon_optimizer(cfg, chunks, decay.__getitem__)
+    else:
+        optimizer = MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
+                                      sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
+                                      bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
+                                      overlap_param_gather=p.overlap_param_gather)
+    if cfg.performance.gradient_accumulation_fusion:
+        optimizer.sync.enable_gradient_accumulation_fusion()
+    return optimizer

@@ -76,3 +76,25 @@ class SideStream:
         current.wait_stream(self.stream)
         for t in tensors:
             t.record_stream(current)
+
+
+def host_buffer(shape, dtype, source_device: torch.device) -> torch.Tensor:
+    """A host tensor to copy `source_device` data into: page-locked for a GPU source (so the copy is a
+    DMA that can run asynchronously), ordinary memory for a CPU source."""
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=source_device.type == "cuda")
+
+
+class CopyFence:
+    """Marks the point after a batch of non_blocking device-to-host copies on `device`: wait() returns
+    once they have landed (a CUDA event on the current stream; nothing to wait for on CPU, where
+    copies are synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()

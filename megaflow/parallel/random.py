@@ -164,5 +164,9 @@ def _tracker_context_fn():
 def checkpoint(fn, *args):
     """Run fn(*args) without keeping its activations; backward recomputes them with the same default
     and model-parallel RNG states, so dropout masks are reproduced exactly (non-reentrant autograd)."""
+    if torch.compiler.is_compiling():
+        # Inside a compiled block (--compile) the recompute is part of the compiled graph, whose RNG
+        # ops are replayed by torch's functionalized RNG; dynamo accepts no other context_fn.
+        return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return torch_checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
                                        context_fn=_tracker_context_fn)

@@ -16,10 +16,13 @@ Step order (FORMATS.md §3):
                  reverse. warmup = (PP − rank − 1)·2 + (V − 1)·PP forwards (at most M·V), then pairs.
     forward only: every forward in order.
 
-Transfers. After each unit (a step, or an (F, B) pair in the interleaved steady phase) one batch
-posts that unit's sends and the receives the *next* unit needs (before the first: only receives).
-Sends on gloo and NCCL complete only when the receiver posts the matching receive, so every plan is
-checked for deadlocks under exactly that rule (simulate.py).
+Transfers are posted asynchronously and waited for only where needed (p2p.post): a step waits for the
+receive it consumes, nobody waits for a send until the end of the step. Before each step one batch
+posts the previous step's sends and the receives of the step *after* this one (before the first step
+also its own), so a receive is posted a whole step before it is needed and the transfer lands while
+this rank computes. Sends on gloo and NCCL complete only when the receiver posts the matching receive;
+a sender does not wait for that, so the only dependencies are step -> its received input, and every
+plan is checked for deadlocks and misdelivered tensors under exactly that rule (simulate.py).
 Every transfer carries a tag by kind (ACT, GRAD): with PP = 2 both neighbours are the same rank and
 activations and gradients flow both ways between it and us; per (peer, tag) messages arrive in order.
 """
@@ -121,36 +124,23 @@ def produces(step: Step, pp_rank: int, pp_size: int, num_chunks: int) -> tuple[T
     return ()
 
 
-def _units(steps: list[Step], pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: int,
-           forward_only: bool) -> list[list[Step]]:
-    """Groups of steps that share their transfer batches: single steps, except that the steady phase
-    of the interleaved schedule runs (F, B) pairs (Megatron's), whose receives are then posted a whole
-    pair ahead. With single steps there, a rank's gradient send can wait for a receive its neighbour
-    posts only after a forward that itself waits for us: a deadlock (simulate.py finds it at PP=2, V=2)."""
-    if num_chunks == 1 or forward_only:
-        return [[s] for s in steps]
-    warmup = warmup_steps(pp_rank, pp_size, num_microbatches, num_chunks)
-    steady = num_microbatches * num_chunks - warmup
-    head, pairs, tail = steps[:warmup], steps[warmup:warmup + 2 * steady], steps[warmup + 2 * steady:]
-    return [[s] for s in head] + [pairs[i:i + 2] for i in range(0, len(pairs), 2)] + [[s] for s in tail]
-
-
 def build_plan(pp_rank: int, pp_size: int, num_microbatches: int, num_chunks: int = 1,
                forward_only: bool = False) -> list[Action]:
-    """Steps with the transfers woven in: [receives of unit 0], unit 0, [sends of unit 0 + receives of
-    unit 1], unit 1, ... (a unit is one step, or an (F, B) pair; see _units). With one stage there is
-    nothing to transfer (and gloo cannot send to itself)."""
+    """Steps with the transfers woven in: [receives of steps 0 and 1], step 0, [sends of step 0 +
+    receives of step 2], step 1, [sends of step 1 + receives of step 3], step 2, ... With one stage
+    there is nothing to transfer (and gloo cannot send to itself)."""
     steps = step_order(pp_rank, pp_size, num_microbatches, num_chunks, forward_only)
     if pp_size == 1:
         return list(steps)
+    recvs_of = [needs(s, pp_rank, pp_size, num_chunks) for s in steps]
     plan: list[Action] = []
     pending: tuple[Transfer, ...] = ()
-    for unit in _units(steps, pp_rank, pp_size, num_microbatches, num_chunks, forward_only):
-        recvs = tuple(t for s in unit for t in needs(s, pp_rank, pp_size, num_chunks))
+    for k, step in enumerate(steps):
+        recvs = (recvs_of[0] if k == 0 else ()) + (recvs_of[k + 1] if k + 1 < len(steps) else ())
         if pending or recvs:
             plan.append(Comm(pending, recvs))
-        plan.extend(unit)
-        pending = tuple(t for s in unit for t in produces(s, pp_rank, pp_size, num_chunks))
+        plan.append(step)
+        pending = produces(step, pp_rank, pp_size, num_chunks)
     if pending:
         plan.append(Comm(pending, ()))
     return plan

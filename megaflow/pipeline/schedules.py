@@ -9,8 +9,12 @@ average, over the whole global batch), exactly as Megatron-LM's GPT does, whatev
     forward_backward_pipelining_with_interleaving   1F1B over V model chunks per rank (virtual stages)
 
 The two pipelined schedules run a plan (plan.py: which step, which transfer, in which order) with real
-tensors. Memory: once a stage output has been sent, its values are freed and only its autograd node
-kept (deallocate_output), so a 1F1B stage holds the activations of at most PP − rank micro-batches.
+tensors. Transfers are posted asynchronously (p2p.post): a received tensor is waited for only by the
+step that consumes it, and sends are waited for at the end of the step (finished ones are dropped on
+the way), so no stage idles until its neighbour is ready to receive and transfers overlap compute.
+Memory: once a stage output has been sent, its values are freed and only its autograd node
+kept (deallocate_output; an in-flight send holds the storage until it completes), so a 1F1B stage holds
+the activations of at most PP − rank micro-batches.
 Each schedule returns the detached per-micro-batch losses on the last stage, [] elsewhere.
 """
 from __future__ import annotations
@@ -87,6 +91,19 @@ class _PlanRun:
         self.batches, self.batches_read, self.forwards_done = {}, 0, {}
         self.inputs, self.outputs, self.output_grads, self.input_grads = {}, {}, {}, {}
         self.losses = {}
+        self.sends_in_flight = []  # p2p.Outgoing of the batches posted so far, until they complete
+
+    def _received(self, table, key):
+        """The tensor a step needs from `table` (inputs or output_grads), waiting for its transfer."""
+        incoming = table.get(key)
+        if not isinstance(incoming, p2p.Incoming):
+            return incoming
+        with timeline.record("wait", -1, -1):
+            tensor = incoming.wait()
+        if table is self.inputs:
+            tensor.requires_grad_(not self.forward_only)
+        table[key] = tensor
+        return tensor
 
     def _batch(self, mb):
         while self.batches_read <= mb:  # micro-batches are first touched in order
@@ -100,7 +117,9 @@ class _PlanRun:
 
     def forward(self, chunk, mb):
         key = (chunk, mb)
-        x = self.inputs.pop(key, None) if self.forward_only else self.inputs.get(key)
+        x = self._received(self.inputs, key)
+        if self.forward_only:
+            self.inputs.pop(key, None)
         with timeline.record(FORWARD, chunk, mb):
             out = self.step_func(self.chunks[chunk], self._batch(mb), self.autocast_ctx, hidden_sbh=x)
         if virtual_stage(self.rank, self.pp, chunk) == self.last_stage:
@@ -112,6 +131,7 @@ class _PlanRun:
 
     def backward(self, chunk, mb):
         key = (chunk, mb)
+        self._received(self.output_grads, key)
         out, x, grad = self.outputs.pop(key), self.inputs.pop(key, None), self.output_grads.pop(key, None)
         with timeline.record(BACKWARD, chunk, mb):
             torch.autograd.backward(out, grad_tensors=grad)
@@ -123,8 +143,8 @@ class _PlanRun:
         for t in comm.sends:
             key = (t.chunk, t.microbatch)
             sends.append((t.peer, t.kind, self.outputs[key] if t.kind == ACT else self.input_grads.pop(key)))
-        with timeline.record("wait", -1, -1):
-            got = p2p.exchange(sends, [(t.peer, t.kind) for t in comm.recvs], self.shape, self.dtype)
+        incoming, outgoing = p2p.post(sends, [(t.peer, t.kind) for t in comm.recvs], self.shape, self.dtype)
+        self.sends_in_flight = [o for o in self.sends_in_flight if not o.done()] + [outgoing]
         for t in comm.sends:
             if t.kind == ACT:
                 key = (t.chunk, t.microbatch)
@@ -132,12 +152,9 @@ class _PlanRun:
                     del self.outputs[key]
                 elif self.deallocate:
                     deallocate_output(self.outputs[key])
-        for t, tensor in zip(comm.recvs, got):
+        for t, tensor in zip(comm.recvs, incoming):
             key = (t.chunk, t.microbatch)
-            if t.kind == ACT:
-                self.inputs[key] = tensor.requires_grad_(not self.forward_only)
-            else:
-                self.output_grads[key] = tensor
+            (self.inputs if t.kind == ACT else self.output_grads)[key] = tensor
 
     def run(self, plan):
         for action in plan:
@@ -147,6 +164,10 @@ class _PlanRun:
                 self.forward(action.chunk, action.microbatch)
             else:
                 self.backward(action.chunk, action.microbatch)
+        with timeline.record("wait", -1, -1):
+            for outgoing in self.sends_in_flight:
+                outgoing.wait()
+        self.sends_in_flight = []
         leftovers = [d for d in (self.inputs, self.output_grads, self.input_grads) if d]
         if leftovers or (self.outputs and not self.forward_only):
             raise RuntimeError(f"pipeline plan left tensors behind: {leftovers or self.outputs}")

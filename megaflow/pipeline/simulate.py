@@ -1,7 +1,8 @@
 """Run the plans of every pipeline rank against each other without tensors or processes.
 
-A transfer completes only when both ends have posted it (gloo's and NCCL's rendezvous semantics, the
-strictest case), a batch when all its transfers have, and steps take fixed times (F: t_forward per
+Transfers are asynchronous, as the executor posts them (p2p.post): posting never blocks; a transfer
+completes when both ends have posted it (gloo's and NCCL's rendezvous semantics), and a step waits for
+the receives it consumes (its input, or its output's gradient). Steps take fixed times (F: t_forward per
 stage, B: t_backward, each split evenly over the V chunks). The simulation proves a plan has no
 deadlock, that every received tensor is the one the receiver expects (per (peer, tag) messages
 arrive in order), and yields the ideal timeline and bubble fraction, and the peak number of
@@ -12,7 +13,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megaflow.pipeline.plan import BACKWARD, FORWARD, NEXT, Comm, Step, build_plan, source_of, virtual_stage
+from megaflow.pipeline.plan import (BACKWARD, FORWARD, NEXT, Comm, Step, build_plan, needs, source_of,
+                                    virtual_stage)
 
 
 class PlanError(RuntimeError):
@@ -57,7 +59,7 @@ def simulate(pp_size: int, num_microbatches: int, num_chunks: int = 1, forward_o
     sim.events = {r: [] for r in range(pp_size)}
     sim.peak_live = {r: 0 for r in range(pp_size)}
     sends, recvs = defaultdict(list), defaultdict(list)   # channel -> [(post time, identity)]
-    posted = {}                                            # rank -> [(side, channel, index)]
+    posted = [{} for _ in range(pp_size)]                  # rank -> {(kind, chunk, mb): (channel, index)}
 
     def peer_rank(rank, peer):
         return (rank + 1) % pp_size if peer == NEXT else (rank - 1) % pp_size
@@ -68,63 +70,65 @@ def simulate(pp_size: int, num_microbatches: int, num_chunks: int = 1, forward_o
         for r in range(pp_size):
             while pc[r] < len(plans[r]):
                 action = plans[r][pc[r]]
-                if isinstance(action, Step):
-                    end = clock[r] + durations[r][action.op]
-                    sim.events[r].append((action.op, action.chunk, action.microbatch, clock[r], end))
-                    clock[r] = end
-                    if not forward_only:
-                        live[r] += 1 if action.op == FORWARD else -1
-                        sim.peak_live[r] = max(sim.peak_live[r], live[r])
+                if isinstance(action, Comm):
+                    _post(action, r, pp_size, clock[r], sends, recvs, posted[r], peer_rank)
                     pc[r] += 1
                     progress = True
                     continue
-                if r not in posted:
-                    posted[r] = _post(action, r, pp_size, clock[r], sends, recvs, peer_rank)
-                done = _completion(posted[r], sends, recvs)
-                if done is None:
+                ready = _inputs_ready(action, r, pp_size, num_chunks, posted[r], sends, recvs)
+                if ready is None:
                     break
-                if done > clock[r]:
-                    sim.events[r].append(("wait", -1, -1, clock[r], done))
-                clock[r] = max(clock[r], done)
-                del posted[r]
+                if ready > clock[r]:
+                    sim.events[r].append(("wait", -1, -1, clock[r], ready))
+                start = max(clock[r], ready)
+                end = start + durations[r][action.op]
+                sim.events[r].append((action.op, action.chunk, action.microbatch, start, end))
+                clock[r] = end
+                if not forward_only:
+                    live[r] += 1 if action.op == FORWARD else -1
+                    sim.peak_live[r] = max(sim.peak_live[r], live[r])
                 pc[r] += 1
                 progress = True
     stuck = [r for r in range(pp_size) if pc[r] < len(plans[r])]
     if stuck:
         raise PlanError(f"deadlock (PP={pp_size}, M={num_microbatches}, V={num_chunks}): ranks "
                         + ", ".join(f"{r} at {plans[r][pc[r]]}" for r in stuck))
+    unmatched = {ch: (len(sends[ch]), len(recvs[ch])) for ch in set(sends) | set(recvs)
+                 if len(sends[ch]) != len(recvs[ch])}
+    if unmatched:
+        raise PlanError(f"transfers without a partner (channel: sends, receives): {unmatched}")
     return sim
 
 
-def _post(comm: Comm, rank, pp_size, now, sends, recvs, peer_rank):
-    mine = []
+def _post(comm: Comm, rank, pp_size, now, sends, recvs, posted, peer_rank):
     for t in comm.sends:
         dst = peer_rank(rank, t.peer)
         ident = (virtual_stage(rank, pp_size, t.chunk), t.kind, t.microbatch)
-        ch = (rank, dst, t.kind)
-        sends[ch].append((now, ident))
-        mine.append(("send", ch, len(sends[ch]) - 1))
+        sends[(rank, dst, t.kind)].append((now, ident))
     for t in comm.recvs:
         src, src_chunk = source_of(t, rank, pp_size)
         ident = (virtual_stage(src, pp_size, src_chunk), t.kind, t.microbatch)
         ch = (src, rank, t.kind)
         recvs[ch].append((now, ident))
-        mine.append(("recv", ch, len(recvs[ch]) - 1))
-    return mine
+        posted[(t.kind, t.chunk, t.microbatch)] = (ch, len(recvs[ch]) - 1)
 
 
-def _completion(mine, sends, recvs):
-    """Time the batch completes, or None while a partner has not posted yet."""
-    done = 0.0
-    for side, ch, i in mine:
-        if len(sends[ch]) <= i or len(recvs[ch]) <= i:
+def _inputs_ready(step: Step, rank, pp_size, num_chunks, posted, sends, recvs):
+    """Time at which every tensor the step consumes has arrived, or None while one has not been sent."""
+    ready = 0.0
+    for t in needs(step, rank, pp_size, num_chunks):
+        key = (t.kind, t.chunk, t.microbatch)
+        if key not in posted:
+            raise PlanError(f"rank {rank}: {step} consumes a transfer the plan never posted a receive for")
+        ch, i = posted[key]
+        if len(sends[ch]) <= i:
             return None
         (ts, sent), (tr, expected) = sends[ch][i], recvs[ch][i]
         if sent != expected:
             raise PlanError(f"channel {ch} message {i}: sent {sent} (stage, kind, mb) but the receiver "
                             f"expects {expected}")
-        done = max(done, ts, tr)
-    return done
+        ready = max(ready, ts, tr)
+    return ready
 
 
 def check_all(max_pp: int = 8, max_chunks: int = 4, microbatches=range(1, 17)) -> int:

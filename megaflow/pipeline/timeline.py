@@ -1,9 +1,11 @@
 """Record what each rank does during a training step: (op, chunk, micro-batch, start, end).
 
 Ops: "F" forward, "B" backward of one (chunk, micro-batch), "wait" time blocked in a pipeline transfer.
-Times are seconds from the step's start; all ranks leave a barrier together at that start, so rows of
-different ranks (even on different nodes) line up. Recording is off unless a step is being recorded;
-then it costs two clock reads per op (and the barrier once per recorded step).
+Times are seconds from the step's start, a common instant for every rank: ranks on one host share
+the monotonic clock, so they all take the same start (the earliest barrier exit, exchanged with one
+all-reduce) and their rows line up exactly; across hosts each rank starts its clock as it leaves a
+barrier (rows then line up to within the barrier's skew, a few milliseconds on a loaded machine).
+Recording is off unless a step is being recorded; then it costs two clock reads per op (and the barrier once per recorded step).
 
     recorder = TimelineRecorder(out_dir, iterations=3)    # --pipeline-timeline-dir/-iters
     with recorder.step(iteration):                        # records the first `iterations` steps
@@ -17,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from megaflow.parallel import state
@@ -41,13 +45,32 @@ def record(op: str, chunk: int = 0, microbatch: int = 0):
         _events.append((op, chunk, microbatch, start - _t0, time.perf_counter() - _t0))
 
 
+_one_host: Optional[bool] = None  # do all ranks run on this host (then they share the clock)?
+
+
+def _common_start() -> float:
+    global _one_host
+    if not dist.is_initialized():
+        return time.perf_counter()
+    if _one_host is None:
+        hosts = [None] * dist.get_world_size()
+        dist.all_gather_object(hosts, socket.gethostname())
+        _one_host = len(set(hosts)) == 1
+    dist.barrier()
+    t0 = time.perf_counter()
+    if _one_host:
+        t = torch.tensor([t0], dtype=torch.float64, device=state.get().device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        t0 = float(t.item())
+    return t0
+
+
 @contextlib.contextmanager
 def recording():
     """Record everything inside; yields the list the events are appended to."""
     global _events, _t0
-    if dist.is_initialized():
-        dist.barrier()  # a common start for every rank's clock
-    _events, _t0 = [], time.perf_counter()
+    t0 = _common_start()
+    _events, _t0 = [], t0
     events = _events
     try:
         yield events

@@ -15,6 +15,7 @@ from megaflow.checkpoint.rng import set_rng_state
 from megaflow.config import Config, format_config, num_microbatches, set_vocab_size, virtual_pipeline_size
 from megaflow.data import build_data_loader, build_tokenizer, build_train_valid_test_datasets
 from megaflow.model import build_model
+from megaflow.model.compile import compile_seconds
 from megaflow.optim.loss_scaler import build_loss_scaler
 from megaflow.optim.lr_scheduler import build_lr_scheduler
 from megaflow.optim.optimizer import build_optimizer
@@ -207,6 +208,9 @@ class _Trainer:
             self.stragglers.end_step()
             elapsed = time.perf_counter() - start
             r.iteration += 1
+            if cfg.performance.compile and r.iteration == self.start_iteration + 1:
+                log.print_rank_0(f"--compile: {compile_seconds():.1f} s of the first iteration ({elapsed:.1f} s) "
+                                 "spent compiling the transformer blocks")
             r.consumed_samples += t.global_batch_size
             if self.writer is not None:
                 self._published(self.writer.poll())  # an --async-save that finished meanwhile
@@ -291,8 +295,12 @@ class _Trainer:
         self._published(self.writer.wait())  # the previous --async-save, if its thread is still writing
         path = self.writer.save(r.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
                                 r.consumed_samples, self.cfg.to_json(), extra)
+        stall = f"training stalled {self.writer.last_stall:.3f} s"  # what the save cost the loop, on rank 0
         if path is None:
-            log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save)")
+            log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save): "
+                             f"{stall} for the copy to host")
+        else:
+            log.print_rank_0(f"checkpoint of iteration {r.iteration} written synchronously ({stall})")
         self._published(path)
 
     def _published(self, path):

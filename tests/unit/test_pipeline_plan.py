@@ -42,12 +42,19 @@ def test_interleaved_order_and_warmup_formula():
         step_order(0, 4, 6, 2)
 
 
-def test_plan_batches_sends_with_the_next_receives():
-    p = build_plan(1, 4, 2)   # middle stage: recv, F0, [send F0 + recv F1], F1, [send + recv grad], B0 ...
-    assert isinstance(p[0], Comm) and p[0].sends == () and p[0].recvs[0].kind == plan.ACT
-    assert p[1] == Step(FORWARD, 0, 0)
-    assert [t.kind for t in p[2].sends] == [plan.ACT] and [t.kind for t in p[2].recvs] == [plan.ACT]
-    assert p[-1] == Comm((plan.Transfer(plan.PREV, plan.GRAD, 0, 1),), ())
+def test_plan_posts_receives_one_step_ahead():
+    p = build_plan(1, 4, 2)   # middle stage: steps F0 F1 B0 B1
+    A, G = plan.ACT, plan.GRAD
+    T = plan.Transfer
+    assert p == [Comm((), (T(plan.PREV, A, 0, 0), T(plan.PREV, A, 0, 1))),   # inputs of F0 and F1
+                 Step(FORWARD, 0, 0),
+                 Comm((T(plan.NEXT, A, 0, 0),), (T(plan.NEXT, G, 0, 0),)),    # send F0, receive for B0
+                 Step(FORWARD, 0, 1),
+                 Comm((T(plan.NEXT, A, 0, 1),), (T(plan.NEXT, G, 0, 1),)),
+                 Step(BACKWARD, 0, 0),
+                 Comm((T(plan.PREV, G, 0, 0),), ()),
+                 Step(BACKWARD, 0, 1),
+                 Comm((T(plan.PREV, G, 0, 1),), ())]
 
 
 def test_every_small_plan_is_deadlock_free_and_delivers_the_right_tensors():
@@ -56,9 +63,17 @@ def test_every_small_plan_is_deadlock_free_and_delivers_the_right_tensors():
 
 
 def test_the_simulator_catches_a_deadlocking_plan(monkeypatch):
-    """Interleaving with one transfer batch per step (instead of (F, B) pairs) deadlocks at PP=2, V=2:
-    the check above can fail."""
-    monkeypatch.setattr(plan, "_units", lambda steps, *a: [[s] for s in steps])
+    """Rank 0 starting with a backward waits for a gradient that needs its own first forward: the
+    check above can fail."""
+    real = plan.step_order
+
+    def backward_first(rank, *a, **k):
+        order = real(rank, *a, **k)
+        if rank == 0:
+            first_b = next(i for i, s in enumerate(order) if s.op == BACKWARD)
+            order = [order[first_b]] + order[:first_b] + order[first_b + 1:]
+        return order
+    monkeypatch.setattr(plan, "step_order", backward_first)
     with pytest.raises(PlanError, match="deadlock"):
         simulate(2, 4, 2)
 
