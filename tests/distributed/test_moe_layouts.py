@@ -26,7 +26,7 @@ MOE_A = LLAMA + BATCH + ["--num-experts", "4", "--moe-ffn-hidden-size", "48", "-
                          "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001"]
 MOE_B = LLAMA + BATCH + ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "2",
                          "--moe-layer-freq", "([0]*1+[1]*3)", "--moe-router-score-function", "sigmoid",
-                         "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.05",
+                         "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
                          "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
                          "--moe-router-topk-scaling-factor", "2.0",
                          "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.01",
@@ -87,7 +87,7 @@ def _assert_same_training(ranks, ref, iterations):
     merged = {}
     for r in ranks:
         for n, w in r["weights"].items():                              # every rank's copy is right
-            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6, msg=f"rank {r['rank']} {n}")
+            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=5e-6, msg=f"rank {r['rank']} {n}")
         merged.update(r["weights"])
     assert merged.keys() == ref["weights"].keys()                      # and together they hold all
 
@@ -114,7 +114,7 @@ def test_bias_and_balancing_statistics_are_logged(runs):
     assert "moe aux loss:" in log and "moe load imbalance:" in log and "moe dropped fraction:" in log
     b = refs["b"]["weights"]
     bias = b["layers.1.mlp.router.expert_bias"]
-    steps = bias / 0.05                                             # moved in steps of the update rate
+    steps = bias / 0.01                                             # moved in steps of the update rate
     assert bias.abs().sum() > 0 and torch.allclose(steps, steps.round(), atol=1e-4)
 
 
@@ -138,3 +138,24 @@ def test_checkpoint_holds_each_expert_once(runs):
     expert_optim_files = {p["file"] for k, e in reader.index.items() if k.startswith("optim.exp_avg/")
                           and ".experts." in k for p in e["pieces"]}
     assert len(expert_optim_files) > 2   # ZeRO shards experts' state over expert-DP, not just EP ranks
+
+
+def test_planner_memory_equals_every_rank_with_experts(runs):
+    """Model-state bytes the planner predicts (experts in their own buffer, ZeRO-sharded over expert-DP)
+    are what each rank of the ZeRO runs allocated."""
+    from megaflow.config import parse_args, set_vocab_size
+    from megaflow.parallel.state import coordinates, dense_dims, expert_dims
+    from megaflow.planner.memory import model_state_bytes
+    out = runs[0]
+    for name in ("pp2_ep2_zero", "b_tp2_pp2_ep2_zero"):
+        cfg = parse_args([str(a) for a in PARITY[name]], world_size=8)
+        set_vocab_size(cfg, 256)
+        p = cfg.parallel
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        for r in out[name]:
+            dense = coordinates(r["rank"], dense_dims(8, tp, pp))
+            expert = coordinates(r["rank"], expert_dims(8, tp, pp, ep=p.expert_model_parallel_size,
+                                                        etp=p.expert_tensor_parallel_size))
+            planned = model_state_bytes(cfg, dense["pp"], dense["dp"], expert["edp"])
+            for key in ("parameters", "gradients", "optimizer", "num_parameters", "owned_elements"):
+                assert planned[key] == r["memory"][key], (name, r["rank"], key)
