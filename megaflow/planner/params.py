@@ -93,7 +93,6 @@ def layer_parameters(cfg: Config, index: int, number: int | None = None) -> list
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     h, d, f = m.hidden_size, head_dim(cfg), m.ffn_hidden_size
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    fc1 = f * (2 if m.swiglu else 1)
     bias = m.add_bias_linear
     p = f"layers.{index}."
     out = _norm(p + "input_norm", cfg)

@@ -50,6 +50,30 @@ def capacity_keep_mask(probs_tk, experts_tk, num_experts: int, cap: int, policy:
     return keep.view_as(experts_tk)
 
 
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[order]; backward is the gather by the inverse permutation (not index_put's scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse), None, None
+
+
+def permute_rows(x, order, inverse):
+    return _PermuteRows.apply(x, order, inverse)
+
+
 class TokenDispatcher:
     def __init__(self, num_experts: int, ep_size: int, ep_rank: int, ep_group, etp_group, kind: str,
                  capacity_factor=None, drop_policy: str = "probs", pad_to_capacity: bool = False):
@@ -106,27 +130,40 @@ class TokenDispatcher:
         return out[:rows]
 
     def _alltoall(self, x_th, probs_tk, experts_tk, experts):
-        t = x_th.shape[0]
+        t, k = experts_tk.shape
+        if self.capacity_factor is None:
+            # Dropless: pair n = t·k + j. Sorting and unsorting are row permutations (gathers both ways,
+            # no scatter-add), and the combine a weighted sum over each token's k outputs.
+            self.last_dropped, self.last_pairs = 0, t * k
+            order = torch.argsort(experts_tk.reshape(-1), stable=True)   # by expert, then token
+            inverse = _inverse(order)
+            x_pairs = x_th.unsqueeze(1).expand(t, k, x_th.shape[1]).reshape(t * k, x_th.shape[1])
+            x_nh = permute_rows(x_pairs, order, inverse)
+            y_nh = self._through_experts(x_nh, experts_tk.reshape(-1)[order], experts)
+            y_pairs = permute_rows(y_nh, inverse, order).view(t, k, -1)
+            return (y_pairs * probs_tk.to(y_pairs.dtype).unsqueeze(-1)).sum(1)
         x_th, token_n, expert_n, weight_n = self._pairs(x_th, probs_tk, experts_tk)
         order = torch.argsort(expert_n, stable=True)               # by expert, then token
         token_n, expert_n, weight_n = token_n[order], expert_n[order], weight_n[order]
-        x_nh = x_th[token_n]
+        y_nh = self._through_experts(x_th[token_n], expert_n, experts)
+        return self._combine(y_nh, token_n, weight_n, t)
+
+    def _through_experts(self, x_nh, expert_n, experts):
+        """Rows sorted by (global) expert -> the experts' outputs, same order; over EP when EP > 1."""
         counts_e = torch.bincount(expert_n, minlength=self.num_experts)
         if self.ep_size == 1:
-            y_nh = experts(x_nh, counts_e.tolist())
-            return self._combine(y_nh, token_n, weight_n, t)
+            return experts(x_nh, counts_e.tolist())
         recv = expert_comm.exchange_counts(counts_e, self.ep_group).view(self.ep_size, self.num_local)
         send_splits = counts_e.view(self.ep_size, self.num_local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
         x_recv = expert_comm.all_to_all(x_nh, recv_splits, send_splits, self.ep_group)
         # Received blocks come as (source rank, local expert); the experts want (local expert, source).
-        block_of_row = torch.repeat_interleave(torch.arange(recv.numel(), device=x_th.device), recv.reshape(-1))
+        block_of_row = torch.repeat_interleave(torch.arange(recv.numel(), device=x_nh.device), recv.reshape(-1))
         src, local = block_of_row // self.num_local, block_of_row % self.num_local
         regroup = torch.argsort(local * self.ep_size + src, stable=True)
-        y_local = experts(x_recv[regroup], recv.sum(0).tolist())
-        y_recv = y_local[torch.argsort(regroup)]
-        y_nh = expert_comm.all_to_all(y_recv, send_splits, recv_splits, self.ep_group)
-        return self._combine(y_nh, token_n, weight_n, t)
+        back = _inverse(regroup)
+        y_local = experts(permute_rows(x_recv, regroup, back), recv.sum(0).tolist())
+        return expert_comm.all_to_all(permute_rows(y_local, back, regroup), send_splits, recv_splits, self.ep_group)
 
     def _allgather(self, x_th, probs_tk, experts_tk, experts):
         t = x_th.shape[0]

@@ -68,12 +68,17 @@ class Experts(nn.Module):
     def forward(self, x_nh: torch.Tensor, counts: list) -> torch.Tensor:
         experts = list(self.local_experts.values())
         if self.grouped:
-            w1 = torch.stack([ex.linear_fc1.weight for ex in experts])
+            rows = experts[0].linear_fc1.weight.shape[0] // 2 if self.swiglu else None
+            # SwiGLU: gate and up as two grouped GEMMs, so neither output is a strided half of one.
+            w1s = [torch.stack([ex.linear_fc1.weight[:rows] for ex in experts]),
+                   torch.stack([ex.linear_fc1.weight[rows:] for ex in experts])] if self.swiglu else \
+                [torch.stack([ex.linear_fc1.weight for ex in experts])]
             w2 = torch.stack([ex.linear_fc2.weight for ex in experts])
             if torch.is_autocast_enabled(x_nh.device.type):  # a custom op: cast like autocast would
                 dtype = torch.get_autocast_dtype(x_nh.device.type)
-                x_nh, w1, w2 = x_nh.to(dtype), w1.to(dtype), w2.to(dtype)
-            h = self._activation(grouped_linear(x_nh, w1, counts, self.gemm_backend))
+                x_nh, w1s, w2 = x_nh.to(dtype), [w.to(dtype) for w in w1s], w2.to(dtype)
+            hs = [grouped_linear(x_nh, w, counts, self.gemm_backend) for w in w1s]
+            h = swiglu(*hs, backend=self.act_backend) if self.swiglu else F.gelu(hs[0], approximate="tanh")
             return grouped_linear(h, w2, counts, self.gemm_backend)
         outs = []
         for ex, x_e in zip(experts, x_nh.split(counts)):
