@@ -34,8 +34,9 @@ from megaflow.training.step import train_step  # noqa: E402
 LAYERS, HIDDEN, HEADS, FFN, EXPERTS, TOPK, SEQ, MBS, VOCAB = 4, 256, 4, 512, 8, 2, 256, 8, 8192
 
 
-def megaflow_config(**kw):
-    cfg = config_from_kwargs(model_style="llama", num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+def megaflow_config(world_size=1, **kw):
+    cfg = config_from_kwargs(world_size=world_size, model_style="llama", num_layers=LAYERS, hidden_size=HIDDEN,
+                             num_attention_heads=HEADS,
                              seq_length=SEQ, micro_batch_size=MBS, hidden_dropout=0.0, attention_dropout=0.0,
                              lr=1e-4, weight_decay=0.0, num_experts=EXPERTS, moe_ffn_hidden_size=FFN,
                              moe_router_topk=TOPK, moe_grouped_gemm=True, make_vocab_size_divisible_by=128, **kw)
@@ -120,7 +121,7 @@ def ep_worker(steps: int):
     results = {}
     for ep in (1, 2):
         st = state.initialize(ep=ep)
-        cfg = megaflow_config(expert_model_parallel_size=ep, global_batch_size=2 * MBS)
+        cfg = megaflow_config(2, expert_model_parallel_size=ep, global_batch_size=2 * MBS)
         torch.manual_seed(1)
         model = build_model(cfg)
         opt = build_optimizer(cfg, model)
