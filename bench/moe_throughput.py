@@ -132,7 +132,7 @@ def ep_worker(steps: int):
             train_step(cfg, model, opt, None, iter([batch_of(tokens)]), 1)
             times.append(time.perf_counter() - t)
         results[ep] = statistics.median(times[2:])
-        state.destroy()
+    state.destroy()  # once: the process group is reused by the second layout (as tests' layout workers do)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"EP=2 vs EP=1 (2 processes, DP=2, micro-batch {MBS} per rank): median step {results[2]:.3f} s vs "
               f"{results[1]:.3f} s: dispatch overhead {results[2] / results[1] - 1:+.1%}", flush=True)
