@@ -75,6 +75,10 @@ def training_flags(cfg: Config) -> list[str]:
         flags += ["--untie-embeddings-and-output-weights"]
     if preset == "gpt2" and not m.add_bias_linear:
         flags += ["--disable-bias-linear"]
+    if cfg.moe.num_experts is not None:
+        e = cfg.moe
+        flags += ["--num-experts", e.num_experts, "--moe-ffn-hidden-size", e.moe_ffn_hidden_size,
+                  "--moe-router-topk", e.moe_router_topk, "--moe-layer-freq", e.moe_layer_freq]
     if d.tokenizer_type == "NullTokenizer":
         flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", d.vocab_size]
     else:

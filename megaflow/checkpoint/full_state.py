@@ -18,7 +18,7 @@ import torch
 
 from megaflow.checkpoint import format as fmt
 from megaflow.checkpoint.format import CheckpointError
-from megaflow.checkpoint.reshard import parameter_layout, read_all, write_layout
+from megaflow.checkpoint.reshard import offline_expert_layout, parameter_layout, read_all, write_layout
 from megaflow.config import Config, pad_vocab_size, validate
 
 
@@ -63,6 +63,7 @@ def save_full_state_dict(cfg: Config, state_dict: dict, save_dir: str, tp: int =
     cfg.parallel.pipeline_model_parallel_size = pp
     cfg.parallel.num_layers_per_virtual_pipeline_stage = None
     cfg.world_size = tp * pp
+    offline_expert_layout(cfg)
     validate(cfg)  # heads, query groups, FFN divisible by TP: else shards would cut heads apart
     layout = parameter_layout(cfg)
     missing, extra = sorted(set(layout) - set(state_dict)), sorted(set(state_dict) - set(layout))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from megaflow.checkpoint import hf_moe
 from megaflow.checkpoint.full_state import pad_rows
 from megaflow.config import Config, config_from_kwargs, set_vocab_size
 from megaflow.errors import UserError
@@ -43,6 +44,13 @@ def _head_dim(m) -> int:
 def hf_architecture(cfg: Config) -> str:
     """Which HF class represents this model; decided by its features, not by --model-style."""
     m = cfg.model
+    if cfg.moe.num_experts is not None:  # MoE: Mixtral, when the model is a Llama with Mixtral's routing
+        problem = None if (m.normalization == "RMSNorm" and m.position_embedding_type == "rope" and m.swiglu) \
+            else "Mixtral needs RMSNorm, rope and swiglu"
+        problem = problem or hf_moe.mixtral_problem(cfg)
+        if problem:
+            raise ConversionError(f"no Hugging Face architecture for this MoE model: {problem}")
+        return hf_moe.MIXTRAL
     if m.normalization == "RMSNorm" and m.position_embedding_type == "rope" and m.swiglu:
         return LLAMA
     if m.normalization == "LayerNorm" and m.position_embedding_type == "learned_absolute" and not m.swiglu:
@@ -72,6 +80,9 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
               "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "use_cache": True,
               # transformers 5 reads "dtype", older readers (vLLM's pinned transformers) "torch_dtype".
               "dtype": dtype_name, "torch_dtype": dtype_name}
+    if arch == hf_moe.MIXTRAL:
+        cfg_llama = _llama_like(cfg)
+        return hf_moe.to_mixtral_config(cfg, to_hf_config(cfg_llama, dtype, bos_token_id, eos_token_id, pad_token_id))
     if arch == LLAMA:
         return {"model_type": "llama", "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
                 "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
@@ -92,6 +103,14 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, **common}
 
 
+def _llama_like(cfg: Config) -> Config:
+    """The same model without MoE layers (its attention, norms and embeddings map as Llama's)."""
+    import copy
+    out = copy.deepcopy(cfg)
+    out.moe.num_experts = None
+    return out
+
+
 def to_hf_state_dict(cfg: Config, sd: dict, dtype: torch.dtype | None = None) -> dict:
     """HF tensors (contiguous, vocabulary padding removed) from a full megaflow state dict."""
     m, arch, vocab = cfg.model, hf_architecture(cfg), cfg.vocab_size
@@ -107,7 +126,7 @@ def to_hf_state_dict(cfg: Config, sd: dict, dtype: torch.dtype | None = None) ->
 def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
     m = cfg.model
     tied = not m.untie_embeddings_and_output_weights
-    if arch == LLAMA:
+    if arch in (LLAMA, hf_moe.MIXTRAL):
         yield "model.embed_tokens.weight", sd["word_embeddings.weight"][:vocab]
         for i in range(m.num_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
@@ -119,6 +138,9 @@ def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
                 yield h + f"self_attn.k_proj.{kind}", k
                 yield h + f"self_attn.v_proj.{kind}", v
                 yield h + f"self_attn.o_proj.{kind}", sd[p + f"self_attention.linear_proj.{kind}"]
+                if arch == hf_moe.MIXTRAL:
+                    yield from hf_moe.moe_pairs_to_hf(cfg, sd, p + "mlp.", h)
+                    continue
                 gate, up = sd[p + f"mlp.linear_fc1.{kind}"].chunk(2)
                 yield h + f"mlp.gate_proj.{kind}", gate
                 yield h + f"mlp.up_proj.{kind}", up
@@ -153,11 +175,15 @@ def from_hf_config(hf: dict, **overrides) -> Config:
     model_type = hf.get("model_type")
     if arch == LLAMA or model_type == "llama":
         kw = _llama_fields(hf)
+    elif arch == hf_moe.MIXTRAL or model_type == "mixtral":
+        if hf.get("sliding_window"):
+            raise ConversionError("config.json: sliding-window attention is not supported by megaflow")
+        kw = dict(_llama_fields(hf), **hf_moe.from_mixtral_config(hf))
     elif arch == GPT2 or model_type == "gpt2":
         kw = _gpt2_fields(hf)
     else:
         raise ConversionError(f"config.json: architectures={hf.get('architectures')}, model_type={model_type}: "
-                              f"only {LLAMA} and {GPT2} are supported")
+                              f"only {LLAMA} and {GPT2} are supported ({hf_moe.MIXTRAL} for MoE)")
     kw.update(hidden_dropout=0.0, attention_dropout=0.0, init_method_std=hf.get("initializer_range", 0.02),
               untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True))
     kw["seq_length"] = min(kw["max_position_embeddings"], 2048)
@@ -225,7 +251,7 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
         used.add(name)
         return hf_sd[name]
 
-    if arch == LLAMA:
+    if arch in (LLAMA, hf_moe.MIXTRAL):
         out["word_embeddings.weight"] = take("model.embed_tokens.weight")
         for i in range(m.num_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
@@ -235,6 +261,9 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
                 out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat(
                     [take(h + f"self_attn.{x}_proj.{kind}") for x in "qkv"])
                 out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
+                if arch == hf_moe.MIXTRAL:
+                    out.update(hf_moe.moe_from_hf(cfg, take, p + "mlp.", h))
+                    continue
                 out[p + f"mlp.linear_fc1.{kind}"] = torch.cat([take(h + f"mlp.gate_proj.{kind}"),
                                                                take(h + f"mlp.up_proj.{kind}")])
                 out[p + f"mlp.linear_fc2.{kind}"] = take(h + f"mlp.down_proj.{kind}")

@@ -52,10 +52,20 @@ def target_config(cfg: Config, tp: int, pp: int, dp: int = 1, distributed_optimi
     p.use_distributed_optimizer = distributed_optimizer
     p.overlap_param_gather = p.overlap_param_gather and distributed_optimizer  # only exists with ZeRO
     cfg.world_size = tp * pp
+    offline_expert_layout(cfg)
     validate(cfg)
     cfg.world_size, cfg.data_parallel_size = tp * pp * dp, dp
     cfg.padded_vocab_size = pad_vocab_size(cfg.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     return cfg
+
+
+def offline_expert_layout(cfg: Config) -> None:
+    """Files written offline hold every expert on EP rank 0 (loading at any EP picks experts by their
+    global names); MoE layers at TP > 1 run with sequence parallelism, which does not change storage."""
+    p = cfg.parallel
+    p.expert_model_parallel_size = 1
+    if cfg.moe.num_experts is not None and p.tensor_model_parallel_size > 1:
+        p.sequence_parallel = True
 
 
 def parameter_layout(cfg: Config) -> dict:

@@ -13,8 +13,11 @@ A save, on every rank:
      retention flags. An async save is finalized by poll() at the first iteration where every rank's
      thread is done (one small all-reduce per iteration while a save is pending), or by wait().
 Which rank writes what: a tensor is written once, by DP rank 0 (every DP rank with ZeRO: each its own
-optimizer shard, and at ZeRO-3 its shard of the weights too), by TP rank 0 for tensors replicated across TP, and not by the last pipeline stage
-for a tied output layer (a copy of the first stage's word embeddings).
+optimizer shard, and at ZeRO-3 its shard of the weights too), by TP rank 0 for tensors replicated across
+TP, and not by the last pipeline stage for a tied output layer (a copy of the first stage's word
+embeddings). MoE experts, named by their global expert index, are written by expert-DP rank 0 of the
+ranks holding them (every expert-DP rank with ZeRO), so a checkpoint holds each expert once whatever the
+EP size.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ def named_parameters(model):
 def _writes(p, is_copy: bool, replicated_over_dp: bool) -> bool:
     st = state.get()
     tp_sharded = getattr(p, "tensor_parallel", False) and st.tp_size > 1
+    if getattr(p, "expert_parallel", False):  # MoE expert: unique per (ETP, EP) rank, replicated over expert-DP
+        return (st.etp_rank == 0 or tp_sharded) and (st.edp_rank == 0 or not replicated_over_dp)
     return not is_copy and (st.tp_rank == 0 or tp_sharded) and (st.dp_rank == 0 or not replicated_over_dp)
 
 

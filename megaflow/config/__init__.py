@@ -13,6 +13,7 @@ from megaflow.config.cli import (FIELDS, build_parser, config_from_kwargs, forma
 from megaflow.config.data import DataConfig  # noqa: F401
 from megaflow.config.fields import ConfigError  # noqa: F401
 from megaflow.config.model import MODEL_STYLES, ModelConfig  # noqa: F401
+from megaflow.config.moe import MoEConfig, parse_layer_freq  # noqa: F401
 from megaflow.config.parallel import ParallelConfig  # noqa: F401
 from megaflow.config.resilience import ResilienceConfig  # noqa: F401
 from megaflow.config.root import SECTIONS, Config  # noqa: F401

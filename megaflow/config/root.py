@@ -11,13 +11,14 @@ from typing import Optional
 
 from megaflow.config.data import DataConfig
 from megaflow.config.model import ModelConfig
+from megaflow.config.moe import MoEConfig
 from megaflow.config.parallel import ParallelConfig
 from megaflow.config.resilience import ResilienceConfig
 from megaflow.config.performance import PerformanceConfig
 from megaflow.config.training import CheckpointConfig, LoggingConfig, TrainingConfig
 
 
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "parallel": ParallelConfig, "data": DataConfig,
             "training": TrainingConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
             "resilience": ResilienceConfig, "performance": PerformanceConfig}
 
@@ -25,6 +26,7 @@ SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

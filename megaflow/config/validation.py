@@ -7,6 +7,7 @@ from typing import Optional
 from megaflow.config.fields import ConfigError
 from megaflow.config.model import MODEL_STYLES
 from megaflow.config.resilience import validate_resilience_and_reporting
+from megaflow.config.moe import validate_moe
 from megaflow.config.root import Config
 
 
@@ -98,12 +99,15 @@ def validate(cfg: Config) -> None:
     need((tp * cp * dp) % (etp * ep) == 0,
          f"--expert-tensor-parallel-size ({etp}) × --expert-model-parallel-size ({ep}) must divide the "
          f"{tp * cp * dp} ranks of a pipeline stage (TP {tp} × CP {cp} × DP {dp})")
-    # The groups exist (parallel/state.py); the layers that use them arrive with context parallelism
-    # and MoE. Until then refuse a layout that would silently train as plain data parallelism.
+    # The groups exist (parallel/state.py); the layers that use them arrive with context parallelism.
+    # Until then refuse a layout that would silently train as plain data parallelism.
     need(cp == 1, "--context-parallel-size > 1 is not supported yet")
-    need(ep == 1, "--expert-model-parallel-size > 1 is not supported yet")
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
+    validate_moe(cfg, need)
+    need(not cfg.moe.num_experts or not p.use_distributed_optimizer or p.zero_stage == 1,
+         f"--num-experts with --zero-stage {p.zero_stage}: MoE experts are sharded over expert-data-parallel "
+         "ranks by ZeRO stage 1 only so far; use --zero-stage 1")
     need(not p.sequence_parallel or d.seq_length % tp == 0,
          f"--sequence-parallel needs --seq-length ({d.seq_length}) divisible by "
          f"--tensor-model-parallel-size ({tp})")

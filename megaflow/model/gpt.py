@@ -25,16 +25,16 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megaflow.config import Config
 from megaflow.kernels.attention import attention
 from megaflow.kernels.rope import apply_rotary, rotary_cos_sin
-from megaflow.kernels.swiglu import swiglu
 from megaflow.layers.linear import column_parallel_matmul
+from megaflow.layers.mlp import MLP  # noqa: F401  (re-exported: its home was this file)
 from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
                              VocabParallelEmbedding, build_norm)
+from megaflow.model.spec import build_mlp
 from megaflow.parallel import mappings, random, state
 
 
@@ -98,28 +98,6 @@ class SelfAttention(nn.Module):
         return self.linear_proj(out_sbh)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: Config, output_std: float):
-        super().__init__()
-        m, sp = cfg.model, cfg.parallel.sequence_parallel
-        self.swiglu = m.swiglu
-        fc1_sizes = [m.ffn_hidden_size, m.ffn_hidden_size] if m.swiglu else None  # [gate; up]
-        self.linear_fc1 = ColumnParallelLinear(m.hidden_size, m.ffn_hidden_size * (2 if m.swiglu else 1),
-                                               bias=m.add_bias_linear, sequence_parallel=sp,
-                                               fused_sizes=fc1_sizes, init_std=m.init_method_std,
-                                               separate_blocks=m.swiglu)
-        self.linear_fc2 = RowParallelLinear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias_linear,
-                                            sequence_parallel=sp, init_std=output_std)
-        self.backend = m.attention_backend
-
-    def forward(self, x_sbh):
-        if self.swiglu:
-            h = swiglu(*self.linear_fc1(x_sbh), backend=self.backend)
-        else:
-            h = F.gelu(self.linear_fc1(x_sbh), approximate="tanh")
-        return self.linear_fc2(h)
-
-
 class TransformerLayer(nn.Module):
     """Pre-norm block: x + dropout(attn(norm(x))), then x + dropout(mlp(norm(x)))."""
 
@@ -131,7 +109,7 @@ class TransformerLayer(nn.Module):
         self.input_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
         self.self_attention = SelfAttention(cfg, output_std)
         self.pre_mlp_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
-        self.mlp = MLP(cfg, output_std)
+        self.mlp = build_mlp(cfg, layer_number, output_std)  # dense MLP or MoE (model/spec.py)
         self.hidden_dropout, self.sequence_parallel = m.hidden_dropout, sp
 
     def _dropout(self, x_sbh):

@@ -23,6 +23,9 @@ the same order. finish_grad_sync() launches whatever is left and waits for all.
 The reduction averages over DP by scaling the bucket by 1/DP and summing (gloo has no PREMUL_SUM):
 an all-reduce (plain DP and ZeRO-1: every rank has the full average) or a reduce-scatter (ZeRO-2: each
 rank gets only its shard of the average, in place in its part of the bucket).
+Expert parameters (MoE, flagged `expert_parallel`) live in a buffer of their own per chunk, reduced and
+ZeRO-sharded over the expert-data-parallel group (the ranks holding the same experts) instead of DP,
+with the same 1/DP scale: their gradients already hold the contributions of every EP rank's tokens.
 Then, on the part of each bucket this rank owns, the sums that are not over DP: the tied embedding
 over the embedding group, and the sequence-parallel replicated parameters over TP (each TP rank saw
 only its part of the sequence). All of these are sums, so their order does not matter.
@@ -83,10 +86,15 @@ def bucket_params(params: list, bucket_size: int, numel=lambda p: p.numel(),
 class GradBuffer:
     """The flat parameter and gradient buffers of one model chunk, and its buckets."""
 
-    def __init__(self, chunk: nn.Module, bucket_size: int, dp_size: int):
-        params = [p for p in chunk.parameters() if p.requires_grad]
+    def __init__(self, chunk: nn.Module, bucket_size: int, dp_size: int, expert: bool | None = None,
+                 group=None, dp_rank: int = 0):
+        """expert: None takes every trainable parameter; False only dense ones, True only expert ones.
+        group / dp_size / dp_rank: the group the buffer is reduced (and ZeRO-sharded) over."""
+        params = [p for p in chunk.parameters() if p.requires_grad
+                  and (expert is None or is_expert(p) == expert)]
         if not params:
             raise ValueError("a model chunk without trainable parameters")
+        self.chunk, self.group, self.dp_size, self.dp_rank = chunk, group, dp_size, dp_rank
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"a model chunk mixes parameter dtypes {dtypes}")
@@ -100,6 +108,7 @@ class GradBuffer:
                 n += p.numel()
             padded = -(-n // dp_size) * dp_size
             self.buckets.append(Bucket(i, group, offsets, start, n, padded))
+            self.buckets[-1].buffer = self
             start += padded
         self.numel = start
         self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
@@ -130,7 +139,16 @@ class GradSync:
         self.dp_size, self.dp_rank = st.dp_size, st.dp_rank
         self.group = st.groups.get("dp")
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
-        self.buffers = [GradBuffer(c, bucket_size or DEFAULT_BUCKET_SIZE, self.dp_size) for c in chunks]
+        self.buffers = []
+        for c in chunks:
+            size = bucket_size or DEFAULT_BUCKET_SIZE
+            has_expert = any(is_expert(p) for p in c.parameters() if p.requires_grad)
+            if not has_expert or any(not is_expert(p) for p in c.parameters() if p.requires_grad):
+                self.buffers.append(GradBuffer(c, size, self.dp_size, expert=False if has_expert else None,
+                                               group=self.group, dp_rank=self.dp_rank))
+            if has_expert:
+                self.buffers.append(GradBuffer(c, size, st.edp_size, expert=True, group=st.groups.get("edp"),
+                                               dp_rank=st.edp_rank))
         self.num_microbatches = 1
         self._next = 0  # index into self._order of the next bucket to launch
         self.launched_in_backward = 0  # buckets whose reduction a hook started (a count for tests)
@@ -199,14 +217,16 @@ class GradSync:
 
     def _launch(self, b: Bucket) -> None:
         b.launched = True
-        if self.dp_size == 1:
+        buf = b.buffer
+        if self.dp_size > 1:  # the mean over DP (expert buckets: their sum over expert-DP is that mean · DP)
+            b.grad_data.mul_(1.0 / self.dp_size)
+        if buf.dp_size == 1:
             return
-        b.grad_data.mul_(1.0 / self.dp_size)
         if self.reduce_scatter:
-            lo, hi = b.shard(self.dp_rank, self.dp_size)
-            b.grad_handle = _reduce_scatter(b.grad_data[lo:hi], b.grad_data, group=self.group, async_op=True)
+            lo, hi = b.shard(buf.dp_rank, buf.dp_size)
+            b.grad_handle = _reduce_scatter(b.grad_data[lo:hi], b.grad_data, group=buf.group, async_op=True)
         else:
-            b.grad_handle = dist.all_reduce(b.grad_data, group=self.group, async_op=True)
+            b.grad_handle = dist.all_reduce(b.grad_data, group=buf.group, async_op=True)
 
     @torch.no_grad()
     def finish_grad_sync(self) -> None:
@@ -222,7 +242,7 @@ class GradSync:
         self._reduce_shared_and_sequence_parallel()
 
     def owned_range(self, b: Bucket, sharded: bool) -> tuple[int, int]:
-        return b.shard(self.dp_rank, self.dp_size) if sharded else (0, b.padded)
+        return b.shard(b.buffer.dp_rank, b.buffer.dp_size) if sharded else (0, b.padded)
 
     def owned_pieces(self, sharded: bool):
         """(param, bucket, lo, hi) for each parameter's elements [lo, hi) (flat, in the parameter)
@@ -242,11 +262,11 @@ class GradSync:
     # -- parameters (ZeRO) ---------------------------------------------------------------------
     def start_param_sync(self) -> None:
         """All-gather every bucket's parameters from the DP shards (async), in forward order."""
-        if self.dp_size == 1:
-            return
         for b in reversed(self._order):
-            lo, hi = b.shard(self.dp_rank, self.dp_size)
-            b.param_handle = _all_gather(b.param_data, b.param_data[lo:hi], group=self.group, async_op=True)
+            if b.buffer.dp_size == 1:
+                continue
+            lo, hi = b.shard(b.buffer.dp_rank, b.buffer.dp_size)
+            b.param_handle = _all_gather(b.param_data, b.param_data[lo:hi], group=b.buffer.group, async_op=True)
 
     def finish_param_sync(self, buckets=None) -> int:
         """Wait for the all-gathers of these buckets (default: all); returns how many were pending."""
@@ -264,7 +284,8 @@ class GradSync:
     def register_param_sync_hooks(self, chunks: list) -> None:
         """--overlap-param-gather: each module waits for its own parameters' all-gather just before its
         forward (the gathers were issued in forward order), and state_dict waits for all."""
-        for buf, chunk in zip(self.buffers, chunks):
+        for buf in self.buffers:
+            chunk = buf.chunk
             for module in chunk.modules():
                 mine = {id(b): b for p in module.parameters(recurse=False) if p in buf.bucket_of
                         for b in [buf.bucket_of[p]]}
@@ -282,6 +303,11 @@ class GradSync:
 
     def grad_bytes(self) -> int:
         return sum(buf.grad_data.numel() * buf.grad_data.element_size() for buf in self.buffers)
+
+
+def is_expert(param) -> bool:
+    """An MoE expert's parameter: split over EP, replicated over expert-DP (layers/moe/experts.py)."""
+    return getattr(param, "expert_parallel", False)
 
 
 def sum_replicated_grads(pieces) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaflow.optim.grad_buffer import all_reduce_coalesced, sum_replicated_grads
+from megaflow.optim.grad_buffer import all_reduce_coalesced, is_expert, sum_replicated_grads
 from megaflow.parallel import state
 
 
@@ -38,16 +38,24 @@ def finalize_gradients(params) -> None:
     if st.dp_size > 1:
         for g in grads:
             g.div_(st.dp_size)
-        all_reduce_coalesced(grads, st.groups["dp"])
+    dense = [p.grad for p in params if p.grad is not None and not is_expert(p)]
+    expert = [p.grad for p in params if p.grad is not None and is_expert(p)]
+    if st.dp_size > 1:
+        all_reduce_coalesced(dense, st.groups["dp"])
+    if st.edp_size > 1:  # experts: the same mean, summed over the ranks holding the same experts
+        all_reduce_coalesced(expert, st.groups["edp"])
     sum_replicated_grads([(p, p.grad) for p in params if p.grad is not None])
 
 
 def counts_towards_norm(param) -> bool:
     """Each distinct weight once: TP-replicated params only on TP rank 0; the later stage's copy of a
-    tied embedding not at all (the first stage counts it)."""
+    tied embedding not at all (the first stage counts it). MoE experts: unsplit ones (ETP = 1) on every
+    rank, since each rank of an expert-parallel group holds other experts."""
     st = state.get()
     if getattr(param, "shared_embedding", False) and not st.is_first_stage:
         return False
+    if is_expert(param):
+        return getattr(param, "tensor_parallel", False) or st.etp_rank == 0
     return getattr(param, "tensor_parallel", False) or st.tp_rank == 0
 
 
@@ -58,17 +66,23 @@ def global_grad_norm(pieces, over_dp: bool = False) -> float:
     and PP ranks hold different weights); with over_dp (ZeRO: DP ranks hold different shards) over
     every rank."""
     st = state.get()
-    sq = torch.zeros((), dtype=torch.float32, device=st.device)
+    sq = torch.zeros(2, dtype=torch.float32, device=st.device)  # dense, expert
     for item in pieces:
         param, grad = (item, item.grad) if isinstance(item, nn.Parameter) else item
         if grad is not None and counts_towards_norm(param):
-            sq += grad.float().pow(2).sum()
+            sq[int(is_expert(param))] += grad.float().pow(2).sum()
     if st.world_size > 1:
         if over_dp:
             dist.all_reduce(sq)
+        elif st.ep_size > 1 or st.etp_size != st.tp_size:
+            # Experts are split over EP (and ETP) ranks that the model-parallel group does not span:
+            # each rank contributes what it alone holds (DP and expert-DP replica 0), summed everywhere.
+            sq[0] *= float(st.dp_rank == 0 and st.cp_rank == 0)
+            sq[1] *= float(st.edp_rank == 0)
+            dist.all_reduce(sq)
         elif len(st.ranks.get("mp", [])) > 1:
             dist.all_reduce(sq, group=st.groups["mp"])
-    return math.sqrt(sq.item())
+    return math.sqrt(sq.sum().item())
 
 
 @torch.no_grad()

@@ -62,30 +62,44 @@ def _param_bytes(cfg: Config) -> int:
     return 2 if low else 4
 
 
-def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> dict:
-    """Bytes one rank of pipeline stage pp_rank (and data-parallel rank dp_rank) holds for model states."""
+def expert_data_parallel_size(cfg: Config) -> int:
+    """Ranks holding the same experts: the stage's TP×CP×DP ranks / (ETP × EP) (parallel/state.py)."""
+    p = cfg.parallel
+    per_stage = p.tensor_model_parallel_size * p.context_parallel_size * cfg.data_parallel_size
+    return per_stage // ((p.expert_tensor_parallel_size or p.tensor_model_parallel_size) * p.expert_model_parallel_size)
+
+
+def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0, edp_rank: int | None = None) -> dict:
+    """Bytes one rank of pipeline stage pp_rank (and data-parallel rank dp_rank) holds for model states.
+    MoE experts sit in a buffer of their own per chunk, padded and ZeRO-sharded over expert-DP (its
+    rank edp_rank, by default dp_rank modulo its size)."""
     p, t = cfg.parallel, cfg.training
-    dp = cfg.data_parallel_size
+    dp, edp = cfg.data_parallel_size, expert_data_parallel_size(cfg)
     sharded = p.use_distributed_optimizer
     size = getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE
     pbytes = _param_bytes(cfg)
     stage = getattr(p, "zero_stage", 1) if sharded else 0
     buffer = owned = pieces = nparams = gathered = 0
     for chunk in rank_parameters(cfg, pp_rank):
+        chunk = [q for q in chunk if q.trainable]
         nparams += sum(q.numel for q in chunk)
-        if stage == 3:
+        if stage == 3:  # (validation keeps MoE experts out of ZeRO-3)
             chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp)
             gathered = max(gathered, sum(unit_sizes) * pbytes)
+            groups = [(chunk_buckets, dp, dp_rank)]
         else:
-            chunk_buckets = buckets(chunk, size, dp)
-        for members, padded in chunk_buckets:
-            buffer += padded
-            lo, hi = (dp_rank * padded // dp, (dp_rank + 1) * padded // dp) if sharded else (0, padded)
-            for _param, start, end in members:
-                overlap = min(end, hi) - max(start, lo)
-                if overlap > 0:
-                    owned += overlap
-                    pieces += 1
+            e_rank = dp_rank % edp if edp_rank is None else edp_rank
+            groups = [(buckets([q for q in chunk if not q.expert], size, dp), dp, dp_rank),
+                      (buckets([q for q in chunk if q.expert], size, edp), edp, e_rank)]
+        for chunk_buckets, n, rank in groups:
+            for members, padded in chunk_buckets:
+                buffer += padded
+                lo, hi = (rank * padded // n, (rank + 1) * padded // n) if sharded else (0, padded)
+                for _param, start, end in members:
+                    overlap = min(end, hi) - max(start, lo)
+                    if overlap > 0:
+                        owned += overlap
+                        pieces += 1
     main = owned * 4 if pbytes != 4 and stage != 3 else 0  # stage 3's fp32 shard is the main copy
     if t.optimizer == "adam":
         state = owned * 8 + pieces * 4

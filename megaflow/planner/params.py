@@ -20,6 +20,8 @@ class Param:
     name: str                      # the local name in the chunk (model.named_parameters())
     numel: int                     # elements on one TP rank
     shared_embedding: bool = False  # the tied embedding, split between the first and last stage
+    expert: bool = False           # an MoE expert's weight: own buffer, reduced/sharded over expert-DP
+    trainable: bool = True         # False: frozen (the MoE expert bias), in no gradient buffer
 
 
 def head_dim(cfg: Config) -> int:
@@ -46,12 +48,51 @@ def _norm(prefix: str, cfg: Config) -> list[Param]:
     return out
 
 
-def layer_parameters(cfg: Config, index: int) -> list[Param]:
-    """One transformer layer's parameters on a TP rank; `index` is its position in the chunk."""
+def moe_parameters(cfg: Config, prefix: str) -> list[Param]:
+    """An MoE layer's parameters on rank (TP 0, EP 0), registration order (layers/moe/moe_layer.py)."""
+    e, m, p = cfg.moe, cfg.model, cfg.parallel
+    h, f, tp = m.hidden_size, e.moe_ffn_hidden_size or m.ffn_hidden_size, p.tensor_model_parallel_size
+    etp, ep = p.expert_tensor_parallel_size or tp, p.expert_model_parallel_size
+    out = [Param(prefix + "router.weight", e.num_experts * h)]
+    if e.moe_router_enable_expert_bias:
+        out.append(Param(prefix + "router.expert_bias", e.num_experts, trainable=False))
+    fc1 = f * (2 if m.swiglu else 1)
+    for i in range(e.num_experts // ep):
+        q = f"{prefix}experts.local_experts.{i}."
+        out += [Param(q + "linear_fc1.weight", fc1 // etp * h, expert=True),
+                Param(q + "linear_fc2.weight", h * (f // etp), expert=True)]
+    if e.moe_shared_expert_intermediate_size:
+        fs, q = e.moe_shared_expert_intermediate_size, prefix + "shared_experts."
+        if e.moe_shared_expert_gate:
+            out.append(Param(q + "gate_weight", h))
+        out += _mlp(cfg, q, fs)
+    return out
+
+
+def _mlp(cfg: Config, prefix: str, f: int) -> list[Param]:
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h, fc1 = m.hidden_size, f * (2 if m.swiglu else 1)
+    out = [Param(prefix + "linear_fc1.weight", fc1 // tp * h)]
+    if m.add_bias_linear:
+        out.append(Param(prefix + "linear_fc1.bias", fc1 // tp))
+    out.append(Param(prefix + "linear_fc2.weight", h * (f // tp)))
+    if m.add_bias_linear:
+        out.append(Param(prefix + "linear_fc2.bias", h))
+    return out
+
+
+def is_moe_layer(cfg: Config, number) -> bool:
+    from megaflow.config import parse_layer_freq
+    return number is not None and cfg.moe.num_experts is not None and \
+        parse_layer_freq(cfg.moe.moe_layer_freq, cfg.model.num_layers)[number] == 1
+
+
+def layer_parameters(cfg: Config, index: int, number: int | None = None) -> list[Param]:
+    """One transformer layer's parameters on a TP rank; `index` is its position in the chunk, `number`
+    its global layer number (which decides whether its MLP is an MoE layer)."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     h, d, f = m.hidden_size, head_dim(cfg), m.ffn_hidden_size
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    fc1 = f * (2 if m.swiglu else 1)
     bias = m.add_bias_linear
     p = f"layers.{index}."
     out = _norm(p + "input_norm", cfg)
@@ -62,13 +103,7 @@ def layer_parameters(cfg: Config, index: int) -> list[Param]:
     if bias:
         out.append(Param(p + "self_attention.linear_proj.bias", h))
     out += _norm(p + "pre_mlp_norm", cfg)
-    out.append(Param(p + "mlp.linear_fc1.weight", fc1 // tp * h))
-    if bias:
-        out.append(Param(p + "mlp.linear_fc1.bias", fc1 // tp))
-    out.append(Param(p + "mlp.linear_fc2.weight", h * (f // tp)))
-    if bias:
-        out.append(Param(p + "mlp.linear_fc2.bias", h))
-    return out
+    return out + (moe_parameters(cfg, p + "mlp.") if is_moe_layer(cfg, number) else _mlp(cfg, p + "mlp.", f))
 
 
 def stage_parameters(cfg: Config, pp_rank: int, v: int = 0) -> list[Param]:
@@ -84,8 +119,8 @@ def stage_parameters(cfg: Config, pp_rank: int, v: int = 0) -> list[Param]:
         out.append(Param("word_embeddings.weight", vocab // tp * h, shared_embedding=tied and not post))
         if m.position_embedding_type == "learned_absolute":
             out.append(Param("position_embeddings.weight", m.max_position_embeddings * h))
-    for i, _ in enumerate(stage_layer_numbers(cfg, pp_rank, v)):
-        out += layer_parameters(cfg, i)
+    for i, number in enumerate(stage_layer_numbers(cfg, pp_rank, v)):
+        out += layer_parameters(cfg, i, number)
     if post:
         out += _norm("final_norm", cfg)
         if not (tied and pre):
@@ -98,16 +133,23 @@ def rank_parameters(cfg: Config, pp_rank: int) -> list[list[Param]]:
     return [stage_parameters(cfg, pp_rank, v) for v in range(virtual_pipeline_size(cfg))]
 
 
-def total_parameters(cfg: Config) -> int:
-    """Distinct parameters of the whole model (the tied embedding once, TP shards summed)."""
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    total = 0
+def total_parameters(cfg: Config, active: bool = False) -> int:
+    """Distinct trainable parameters of the whole model (the tied embedding once, TP shards and EP ranks'
+    experts summed). active=True: those one token uses (top-k of the routed experts, as MFU counts)."""
+    par = cfg.parallel
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    etp, ep = par.expert_tensor_parallel_size or tp, par.expert_model_parallel_size
+    share = cfg.moe.moe_router_topk / cfg.moe.num_experts if cfg.moe.num_experts else 1.0
+    total = 0.0
     for rank in range(pp):
         for chunk in rank_parameters(cfg, rank):
             for p in chunk:
-                if p.name == "output_layer.weight" and p.shared_embedding:
-                    continue  # the last stage's copy of the tied embedding
-                replicated = p.name.endswith(("norm.weight", "norm.bias", "proj.bias", "fc2.bias")) \
-                    or p.name == "position_embeddings.weight"
+                if (p.name == "output_layer.weight" and p.shared_embedding) or not p.trainable:
+                    continue  # the last stage's copy of the tied embedding; the frozen expert bias
+                if p.expert:
+                    total += p.numel * etp * ep * (share if active else 1.0)
+                    continue
+                replicated = p.name.endswith(("norm.weight", "norm.bias", "proj.bias", "fc2.bias", "router.weight",
+                                              "gate_weight")) or p.name == "position_embeddings.weight"
                 total += p.numel * (1 if replicated else tp)
-    return total
+    return int(round(total))

@@ -49,12 +49,16 @@ def _act_bytes(cfg: Config) -> int:
 
 
 def layer_forward_flops(cfg: Config) -> float:
-    """Per micro-batch, whole layer (all TP ranks): GEMMs, attention causal at half."""
+    """Per micro-batch, whole layer (all TP ranks): GEMMs, attention causal at half. With MoE layers the
+    average layer, MoE layers counting their active experts (training/flops.py)."""
     m = cfg.model
     h, s, f, d = m.hidden_size, cfg.data.seq_length, m.ffn_hidden_size, head_dim(cfg)
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
     per_token = 2 * h * (q + 2 * kv) + 2 * 2 * s * q * 0.5 + 2 * q * h \
         + 2 * h * f * (2 if m.swiglu else 1) + 2 * f * h
+    if cfg.moe.num_experts is not None:
+        from megaflow.training.flops import forward_flops_per_token
+        per_token = (forward_flops_per_token(cfg) - 2 * h * cfg.padded_vocab_size) / m.num_layers
     return per_token * s * cfg.training.micro_batch_size
 
 

@@ -26,7 +26,8 @@ def build_meta_stage(cfg: Config, pp_rank: int, tp_rank: int = 0) -> list:
     p = cfg.parallel
     tp, pp, vs = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, virtual_pipeline_size(cfg)
     rank = tp_rank + tp * cfg.data_parallel_size * pp_rank
-    with state.simulated(cfg.world_size, tp, pp, rank, device="meta", virtual_pp=vs):
+    with state.simulated(cfg.world_size, tp, pp, rank, device="meta", virtual_pp=vs,
+                         ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size):
         return [GPTModel(cfg, *chunk_flags(cfg, pp_rank, v), layer_numbers=stage_layer_numbers(cfg, pp_rank, v))
                 for v in range(vs)]
 
@@ -88,6 +89,13 @@ def layout_report(cfg: Config) -> list[str]:
             members = [x for x in range(cfg.world_size) if x % tp == t]
             lines.append(f"  TP rank {t} (ranks {_ranges(members)}): {_shards(cfg, t)}")
     lines.append(f"  groups: TP {groups['tp'][0]}..., DP {groups['dp'][0]}..., PP {groups['pp'][0]}...")
+    if cfg.moe.num_experts is not None:
+        ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
+        ex = layout_ranks(cfg.world_size, tp, pp, ep=ep, etp=etp)
+        per = cfg.moe.num_experts // ep
+        lines.append(f"  experts: {cfg.moe.num_experts} per MoE layer, {per} per EP rank (EP rank e holds experts "
+                     f"{per}·e..{per}·e+{per - 1}); groups: expert-TP {ex['etp'][0]}..., EP {ex['ep'][0]}..., "
+                     f"expert-DP {ex['edp'][0]}...")
     return lines
 
 
@@ -107,6 +115,15 @@ def memory_report(cfg: Config, device: str) -> list[str]:
     return lines
 
 
+def _moe_summary(cfg: Config) -> str:
+    e, p = cfg.moe, cfg.parallel
+    if e.num_experts is None:
+        return ""
+    return (f" ({total_parameters(cfg, active=True):,} active per token: {e.num_experts} experts of width "
+            f"{e.moe_ffn_hidden_size}, top-{e.moe_router_topk}, EP {p.expert_model_parallel_size}, expert TP "
+            f"{p.expert_tensor_parallel_size or p.tensor_model_parallel_size})")
+
+
 def dry_run(cfg: Config) -> str:
     vocab, source = tokenizer_vocab_size(cfg)
     set_vocab_size(cfg, vocab)
@@ -120,7 +137,7 @@ def dry_run(cfg: Config) -> str:
              f"model: {m.model_style} style, {m.num_layers} layers, hidden {m.hidden_size}, heads "
              f"{m.num_attention_heads} (query groups {m.num_query_groups}, head dim {head_dim(cfg)}), ffn "
              f"{m.ffn_hidden_size}, vocabulary {vocab} (from the {source}) padded to {cfg.padded_vocab_size}: "
-             f"{total_parameters(cfg):,} parameters",
+             f"{total_parameters(cfg):,} parameters" + _moe_summary(cfg),
              f"batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x {mbs} micro-batches x DP "
              f"{cfg.data_parallel_size}, sequence {cfg.data.seq_length}"
              + (f"; pipeline bubble {bubble:.1%}" if pp > 1 else "")]

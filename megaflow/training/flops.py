@@ -2,8 +2,9 @@
 
 Counted: every GEMM (2 FLOPs per multiply-add), attention scores and values with causal masking
 counted at half, the logits GEMM on the padded vocabulary; backward = 2× forward, so a step is 3×
-forward. Not counted: norms, activations, softmax, optimizer, and activation recompute (MFU counts
-the model's work, not the engine's).
+forward. MoE layers count their active parameters only (router, top-k experts, shared expert).
+Not counted: norms, activations, softmax, optimizer, and activation recompute (MFU counts the model's
+work, not the engine's).
 """
 from __future__ import annotations
 
@@ -22,9 +23,34 @@ def forward_flops_per_token(cfg: Config) -> float:
     qkv_proj = 2 * h * (q + 2 * kv)
     attention = 2 * 2 * s * q * 0.5           # QK^T and PV, causal: half the positions
     out_proj = 2 * q * h
-    mlp = 2 * h * ffn * (2 if m.swiglu else 1) + 2 * ffn * h
+    mlp = _mlp_flops(h, ffn, m.swiglu)
     logits = 2 * h * cfg.padded_vocab_size
-    return m.num_layers * (qkv_proj + attention + out_proj + mlp) + logits
+    moe_layers = _moe_layer_count(cfg)
+    dense = m.num_layers * (qkv_proj + attention + out_proj) + (m.num_layers - moe_layers) * mlp + logits
+    return dense + (moe_layers * moe_flops_per_token(cfg) if moe_layers else 0)
+
+
+def _mlp_flops(h: int, ffn: int, swiglu: bool) -> float:
+    return 2 * h * ffn * (2 if swiglu else 1) + 2 * ffn * h
+
+
+def _moe_layer_count(cfg: Config) -> int:
+    from megaflow.config import parse_layer_freq
+    e = cfg.moe
+    return 0 if e.num_experts is None else sum(parse_layer_freq(e.moe_layer_freq, cfg.model.num_layers))
+
+
+def moe_flops_per_token(cfg: Config) -> float:
+    """An MoE layer's forward per token, from its *active* parameters: the router, top-k experts, the
+    shared expert and its gate (dropped tokens still counted: the model's work as configured)."""
+    e, m = cfg.moe, cfg.model
+    h = m.hidden_size
+    out = 2 * h * e.num_experts + e.moe_router_topk * _mlp_flops(h, e.moe_ffn_hidden_size or m.ffn_hidden_size,
+                                                                 m.swiglu)
+    if e.moe_shared_expert_intermediate_size:
+        out += _mlp_flops(h, e.moe_shared_expert_intermediate_size, m.swiglu)
+        out += 2 * h if e.moe_shared_expert_gate else 0
+    return out
 
 
 def flops_per_iteration(cfg: Config) -> float:

@@ -43,9 +43,41 @@ def iteration_line(it: int, train_iters: int, m: dict) -> str:
     parts += [f" loss scale: {m['loss_scale']:.1f}"]
     if m.get("grad_norm") is not None:
         parts.append(f" grad norm: {m['grad_norm']:.3f}")
+    parts += moe_line_parts(m.get("moe"))
     parts += [f" number of skipped iterations: {m['skipped']:3d}",
               f" number of nan iterations: {m['nan']:3d}"]
     return " |".join(parts) + " |"
+
+
+def moe_line_parts(stats) -> list:
+    """MoE figures of the log line (layers/moe/stats.py): losses summed over the MoE layers, the worst
+    layer's load imbalance (max/mean tokens per expert), each layer's tokens per expert."""
+    if not stats:
+        return []
+    parts = [f" moe aux loss: {stats['aux_loss']:.4E}", f" moe z loss: {stats['z_loss']:.4E}",
+             f" moe load imbalance: {stats['load_imbalance']:.3f}"]
+    if stats.get("dropped_fraction") is not None:
+        parts.append(f" moe dropped fraction: {stats['dropped_fraction']:.4f}")
+    per_layer = " ".join(f"L{i}:[{','.join(str(int(c)) for c in v['tokens_per_expert'])}]"
+                         for i, v in stats["layers"].items())
+    parts.append(f" moe tokens per expert: {per_layer}")
+    return parts
+
+
+def moe_scalars(stats) -> dict:
+    """The same figures for TensorBoard, per layer."""
+    if not stats:
+        return {}
+    out = {"moe/aux-loss": stats["aux_loss"], "moe/z-loss": stats["z_loss"],
+           "moe/load-imbalance": stats["load_imbalance"], "moe/dropped-fraction": stats.get("dropped_fraction")}
+    for i, v in stats["layers"].items():
+        out[f"moe/layer-{i}/aux-loss"] = v["aux_loss"]
+        out[f"moe/layer-{i}/z-loss"] = v["z_loss"]
+        out[f"moe/layer-{i}/load-imbalance"] = v["load_imbalance"]
+        out[f"moe/layer-{i}/dropped-fraction"] = v["dropped_fraction"]
+        for e, c in enumerate(v["tokens_per_expert"]):
+            out[f"moe/layer-{i}/tokens-per-expert/{e}"] = c
+    return out
 
 
 def perplexity(loss: float) -> float:

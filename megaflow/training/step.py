@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megaflow.layers import moe
 from megaflow.parallel import state
 from megaflow.pipeline.schedules import get_forward_backward_func
 
@@ -48,9 +49,11 @@ def train_step(cfg, model, optimizer, scaler, data_iterator, num_microbatches: i
     and updates (its shard of) the parameters."""
     optimizer.start_step(num_microbatches)
     scale = scaler.scale if scaler is not None else 1.0
+    moe.set_aux_loss_scale(scale / num_microbatches)  # MoE balancing losses: same factor as the LM loss
     losses = get_forward_backward_func()(model, data_iterator, num_microbatches, loss_scale=scale,
                                          autocast_ctx=autocast_context(cfg))
     optimizer.finish_grad_sync()
+    moe.update_expert_biases(model)  # aux-loss-free balancing: loads of this step (no-op without it)
     found_inf = optimizer.unscale_and_check(scale) if scaler is not None else False
     grad_norm = None
     if not found_inf:

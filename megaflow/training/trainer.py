@@ -22,6 +22,7 @@ from megaflow.optim.optimizer import build_optimizer
 from megaflow.parallel import flight_recorder, health, state
 from megaflow.parallel.random import model_parallel_seed
 from megaflow.pipeline.timeline import TimelineRecorder
+from megaflow.layers.moe import collect_stats as collect_moe_stats
 from megaflow.training import logging as log
 from megaflow.training import restart
 from megaflow.training.faults import Faults
@@ -42,6 +43,7 @@ class TrainResult:
     iteration: int = 0
     consumed_samples: int = 0
     losses: dict = field(default_factory=dict)        # iteration -> lm loss (logging rank)
+    moe_stats: dict = field(default_factory=dict)     # iteration -> MoE statistics of the log line
     valid_losses: dict = field(default_factory=dict)  # iteration -> validation loss
     skipped_iterations: int = 0
     stopped_early: bool = False
@@ -267,11 +269,14 @@ class _Trainer:
              "lr": self.optimizer.param_groups[0]["lr"], "global_batch_size": t.global_batch_size,
              "lm_loss": w["loss"] / w["n"] if w["n"] else None, "loss_scale": step.loss_scale,
              "grad_norm": step.grad_norm, "skipped": w["skipped"], "nan": w["nan"]}
+        m["moe"] = moe_stats = collect_moe_stats(self.model, self.cfg)  # a collective: every rank logs
+        if moe_stats is not None:
+            self.result.moe_stats[it] = moe_stats
         log.print_rank_last(log.iteration_line(it, self.train_iters, m))
         self.tb.scalars(it, {"learning-rate": m["lr"], "batch-size": t.global_batch_size,
                              "lm loss": m["lm_loss"], "loss-scale": step.loss_scale, "grad-norm": step.grad_norm,
                              "iteration-time": per_iter, "throughput": tflops,
-                             "tokens-per-second": m["tokens_per_second"]})
+                             "tokens-per-second": m["tokens_per_second"], **log.moe_scalars(moe_stats)})
 
     def _evaluate_and_check(self) -> bool:
         t, it = self.cfg.training, self.result.iteration

@@ -1,0 +1,72 @@
+"""megaflow MoE models ⇄ Hugging Face MixtralForCausalLM (config.json and the MoE layers' weights).
+
+A Llama-style model whose every layer is an MoE layer with Mixtral's routing (softmax over all experts,
+top-k, renormalised; no shared expert, no expert bias, no groups, no capacity) is a Mixtral:
+
+    layers.i.mlp.router.weight                          model.layers.i.block_sparse_moe.gate.weight
+    layers.i.mlp.experts.local_experts.e.linear_fc1     .block_sparse_moe.experts.e.w1 (gate) / .w3 (up)
+    layers.i.mlp.experts.local_experts.e.linear_fc2     .block_sparse_moe.experts.e.w2 (down)
+
+(the per-expert names transformers writes and vLLM reads). Attention, norms and embeddings map as in
+checkpoint/hf.py's Llama table.
+"""
+from __future__ import annotations
+
+MIXTRAL = "MixtralForCausalLM"
+
+
+def mixtral_problem(cfg) -> str | None:
+    """Why this MoE model is not a Mixtral, or None."""
+    from megaflow.config import parse_layer_freq
+    e = cfg.moe
+    if any(v == 0 for v in parse_layer_freq(e.moe_layer_freq, cfg.model.num_layers)):
+        return "every layer must be an MoE layer (--moe-layer-freq 1)"
+    if e.moe_router_score_function != "softmax" or e.moe_router_pre_softmax:
+        return "Mixtral routes with a softmax renormalised over the top k (no --moe-router-pre-softmax, no sigmoid)"
+    for flag, value in (("--moe-shared-expert-intermediate-size", e.moe_shared_expert_intermediate_size),
+                        ("--moe-router-enable-expert-bias", e.moe_router_enable_expert_bias),
+                        ("--moe-router-num-groups", e.moe_router_num_groups),
+                        ("--moe-router-topk-scaling-factor", e.moe_router_topk_scaling_factor),
+                        ("--moe-expert-capacity-factor", e.moe_expert_capacity_factor)):
+        if value:
+            return f"{flag} has no Mixtral equivalent"
+    return None
+
+
+def to_mixtral_config(cfg, llama_config: dict) -> dict:
+    e = cfg.moe
+    out = {k: v for k, v in llama_config.items() if k not in ("mlp_bias", "attention_bias")}
+    out.update(architectures=[MIXTRAL], model_type="mixtral", intermediate_size=e.moe_ffn_hidden_size,
+               num_local_experts=e.num_experts, num_experts_per_tok=e.moe_router_topk,
+               router_aux_loss_coef=e.moe_aux_loss_coeff, output_router_logits=False, router_jitter_noise=0.0,
+               sliding_window=None)
+    return out
+
+
+def from_mixtral_config(hf: dict) -> dict:
+    """Config fields of the MoE section (the Llama fields are read as for Llama)."""
+    return dict(num_experts=hf["num_local_experts"], moe_ffn_hidden_size=hf["intermediate_size"],
+                moe_router_topk=hf["num_experts_per_tok"], moe_aux_loss_coeff=hf.get("router_aux_loss_coef", 0.0),
+                moe_layer_freq="1")
+
+
+def moe_pairs_to_hf(cfg, sd: dict, ours: str, theirs: str):
+    """(HF name, tensor) of one MoE layer: ours = 'layers.i.mlp.', theirs = 'model.layers.i.'."""
+    yield theirs + "block_sparse_moe.gate.weight", sd[ours + "router.weight"]
+    for e in range(cfg.moe.num_experts):
+        p, h = f"{ours}experts.local_experts.{e}.", f"{theirs}block_sparse_moe.experts.{e}."
+        gate, up = sd[p + "linear_fc1.weight"].chunk(2)
+        yield h + "w1.weight", gate
+        yield h + "w3.weight", up
+        yield h + "w2.weight", sd[p + "linear_fc2.weight"]
+
+
+def moe_from_hf(cfg, take, ours: str, theirs: str) -> dict:
+    """megaflow tensors of one MoE layer; take(name) fetches (and marks used) an HF tensor."""
+    import torch
+    out = {ours + "router.weight": take(theirs + "block_sparse_moe.gate.weight")}
+    for e in range(cfg.moe.num_experts):
+        p, h = f"{ours}experts.local_experts.{e}.", f"{theirs}block_sparse_moe.experts.{e}."
+        out[p + "linear_fc1.weight"] = torch.cat([take(h + "w1.weight"), take(h + "w3.weight")])
+        out[p + "linear_fc2.weight"] = take(h + "w2.weight")
+    return out

@@ -1,0 +1,20 @@
+"""Layer spec: which MLP a transformer layer gets. --moe-layer-freq marks the MoE layers; every other
+layer (and every layer of a dense model) gets the dense MLP. The model file learns nothing about routing."""
+from __future__ import annotations
+
+from torch import nn
+
+from megaflow.config import parse_layer_freq
+from megaflow.layers.mlp import MLP
+
+
+def is_moe_layer(cfg, layer_number: int) -> bool:
+    e = cfg.moe
+    return e.num_experts is not None and parse_layer_freq(e.moe_layer_freq, cfg.model.num_layers)[layer_number] == 1
+
+
+def build_mlp(cfg, layer_number: int, output_std: float) -> nn.Module:
+    if is_moe_layer(cfg, layer_number):
+        from megaflow.layers.moe import MoELayer
+        return MoELayer(cfg, layer_number, output_std)
+    return MLP(cfg, output_std)
