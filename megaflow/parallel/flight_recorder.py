@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 
+import torch
 import torch.distributed as dist
 
 # Collectives: every member of the group must call them, in the same order.
@@ -109,7 +110,9 @@ def _wrap_collective(name, fn):
     @functools.wraps(fn)
     def recorded(*args, **kwargs):
         rec = _recorder
-        if not rec.enabled or not dist.is_initialized():
+        # Inside a torch.compile'd region (--compile) the collective is traced into the graph: recording
+        # there would be a Python side effect, i.e. a graph break.
+        if not rec.enabled or torch.compiler.is_compiling() or not dist.is_initialized():
             return fn(*args, **kwargs)
         entry = rec.record(name, kwargs.get("group"), _first_tensor(args, kwargs))
         if kwargs.get("async_op"):
@@ -145,7 +148,7 @@ def _wrap_point_to_point(name, fn):
     @functools.wraps(fn)
     def recorded(*args, **kwargs):
         rec = _recorder
-        if rec.enabled and dist.is_initialized():
+        if rec.enabled and not torch.compiler.is_compiling() and dist.is_initialized():
             if name == "batch_isend_irecv":
                 ops = args[0] if args else kwargs.get("p2p_op_list", [])
                 peers = [f"{getattr(op.op, '__name__', 'op')}:{op.peer}" for op in ops]
