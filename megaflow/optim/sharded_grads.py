@@ -31,8 +31,10 @@ class ShardedBuffer:
     """One chunk's buckets with only this rank's shard of their fp32 gradients. Parameters: a full
     buffer in the model dtype (stage 2), or only a shard in fp32 (stage 3, `shard_params`)."""
 
-    def __init__(self, groups: list, dp_size: int, dp_rank: int, shard_params: bool = False):
+    def __init__(self, groups: list, dp_size: int, dp_rank: int, shard_params: bool = False, group=None):
         params = [p for g in groups for p in g]
+        # The group the buckets are sharded over, as GradBuffer has it (GradSync reads it per bucket).
+        self.group, self.dp_size, self.dp_rank = group, dp_size, dp_rank
         dtypes = {p.dtype for p in params}
         if len(dtypes) != 1:
             raise ValueError(f"a model chunk mixes parameter dtypes {dtypes}")
@@ -45,6 +47,7 @@ class ShardedBuffer:
                 n += p.numel()
             padded = -(-n // dp_size) * dp_size
             self.buckets.append(Bucket(i, group, offsets, start, n, padded))
+            self.buckets[-1].buffer = self
             start += padded
         self.numel = start
         self.grad_shard = torch.zeros(start // dp_size, dtype=torch.float32, device=device)
@@ -100,7 +103,7 @@ class ShardedGradSync(GradSync):
                 if not params:
                     raise ValueError("a model chunk without trainable parameters")
                 return bucket_params(list(reversed(params)), bucket_size)
-        self.buffers = [ShardedBuffer(groups_of(c), self.dp_size, self.dp_rank, shard_params) for c in chunks]
+        self.buffers = [ShardedBuffer(groups_of(c), self.dp_size, self.dp_rank, shard_params, self.group) for c in chunks]
         self.num_microbatches = 1
         self.launched_in_backward = 0
         self.gathers_waited_in_forward = 0
