@@ -149,7 +149,7 @@ def test_planner_memory_equals_every_rank_with_experts(runs):
     out = runs[0]
     for name in ("pp2_ep2_zero", "b_tp2_pp2_ep2_zero"):
         cfg = parse_args([str(a) for a in PARITY[name]], world_size=8)
-        set_vocab_size(cfg, 256)
+        set_vocab_size(cfg, cfg.data.vocab_size + 1)  # NullTokenizer: the vocabulary + EOD
         p = cfg.parallel
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         for r in out[name]:

@@ -121,7 +121,7 @@ def test_measured_model_state_bytes_within_zero_bounds_and_planner(results):
             else:
                 assert 8 * phi + 8 * phi / dp <= rest <= 8 * (phi + pad) + 8 * (phi + pad) / dp + steps
             cfg = parse_args([str(a) for a in configs({"z3": "x", "z1": "x"})[name]], world_size=4)
-            set_vocab_size(cfg, 255 + 1)                          # NullTokenizer: the vocabulary + EOD
+            set_vocab_size(cfg, cfg.data.vocab_size + 1)          # NullTokenizer: the vocabulary + EOD
             plan = model_state_bytes(cfg, 0, r["rank"])
             planned = plan["parameters"] + plan["gradients"] + plan["optimizer"]
             assert planned == pytest.approx(rest, rel=0.05), (name, planned, rest)
