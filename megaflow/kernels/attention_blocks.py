@@ -14,7 +14,7 @@ A query at global position p sees a key at position t iff t <= p and both lie in
 Nothing of size s_q × s_k is built as a mask: the "torch" backend cuts the block into dense pieces
 that are either unmasked or causal squares (`block_pieces`) and runs each with PyTorch's CPU flash
 kernel (which returns the LSE); the "triton" backend passes the offsets and cu_seqlens to the flash
-kernel (attention_triton.py), which skips the key blocks no query of its tile sees.
+kernels (attention_block_triton.py), which skip the key blocks no query of a tile sees.
 
 Partial results over different key blocks combine exactly with `merge_partials` (log-sum-exp
 weights). The backward of a block needs the output and LSE of the *whole* attention (merged over all
@@ -143,7 +143,7 @@ def block_forward(q_bnsd, k_bgsd, v_bgsd, q_start: int, k_start: int, scale: flo
     if not sees_anything(s_q, q_start, k_start):
         return out
     if backend == "triton":
-        from megaflow.kernels import attention_triton as kt
+        from megaflow.kernels import attention_block_triton as kt
         o_blk, lse_blk = kt.flash_attn_block_forward(q_bnsd, k_bgsd, v_bgsd, scale, q_start, k_start,
                                                      cu_seqlens_bt)
         return _accumulate(out, o_blk, lse_blk)
@@ -179,7 +179,7 @@ def block_backward(do_bnsd, q_bnsd, k_bgsd, v_bgsd, o_bnsd, lse_bns, q_start: in
     if not sees_anything(s_q, q_start, k_start):
         return None
     if backend == "triton":
-        from megaflow.kernels import attention_triton as kt
+        from megaflow.kernels import attention_block_triton as kt
         return kt.flash_attn_block_backward(do_bnsd, q_bnsd, k_bgsd, v_bgsd, o_bnsd, lse_bns, scale, q_start,
                                             k_start, cu_seqlens_bt)
     acc_dtype = torch.promote_types(q_bnsd.dtype, torch.float32)

@@ -13,7 +13,8 @@ a stretch of tokens contiguous in the full sequence; each rank's tokens are two 
     all_gather  gather every rank's K/V, attend the local queries with their global offsets, and
                 reduce-scatter dK/dV in backward (the gathered K/V is regathered there, not saved).
     a2a         Ulysses: all-to-all from "all heads, local tokens" to "n/CP heads, all tokens",
-                ordinary causal attention, all-to-all back. Needs n and g divisible by CP.
+                ordinary causal attention, all-to-all back. Needs n divisible by CP (kv heads are
+                repeated when g is not).
 
 The per-block math is kernels/attention_blocks.py (torch) or the Triton flash kernel; both return
 the LSE and take global offsets and cu_seqlens, so one code path serves all three and packed data.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from megaflow.kernels.attention_blocks import block_backward, block_forward
+from megaflow.kernels.dispatch import resolve_backend
 from megaflow.parallel import context_parallel as cpc
 from megaflow.parallel import state
 
@@ -169,6 +171,8 @@ class AllGatherAttention(torch.autograd.Function):
 def _ulysses(q, k, v, scale, cu_seqlens, backend):
     st = state.get()
     cp, s = st.cp_size, q.shape[2]
+    if k.shape[1] % cp:  # fewer kv heads than ranks: give each query head its own copy (GQA order)
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     q2, k2, v2 = (cpc.heads_to_sequence(t) for t in (q, k, v))   # [b, heads/CP, CP·s, d], rank order
     runs = [(j * s + l, g, n) for j in range(cp) for l, g, n in cpc.zigzag_runs(j, cp, s)]
     return cpc.sequence_to_heads(RunsAttention.apply(q2, k2, v2, runs, scale, cu_seqlens, backend))
@@ -179,7 +183,9 @@ def context_parallel_attention(q_bnsd, k_bgsd, v_bgsd, comm_type: str = "p2p", c
     """Causal attention of this rank's zigzag tokens over the whole sequence (every CP rank's
     tokens), per document when cu_seqlens_bt [b, t] (global document boundaries) is given."""
     scale = float(softmax_scale if softmax_scale is not None else q_bnsd.shape[-1] ** -0.5)
-    backend = "triton" if backend == "triton" else "torch"
+    backend = resolve_backend(backend, q_bnsd)      # auto: Triton on CUDA tensors, torch otherwise
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"context-parallel and packed attention run on the torch or triton backend, not {backend!r}")
     cp = state.get().cp_size
     if cp == 1:
         return RunsAttention.apply(q_bnsd, k_bgsd, v_bgsd, [(0, 0, q_bnsd.shape[2])], scale, cu_seqlens_bt,

@@ -35,10 +35,10 @@ def finalize_gradients(params) -> None:
     sum the grads of TP-replicated params that saw only this rank's tokens (sequence parallelism)."""
     st = state.get()
     grads = [p.grad for p in params if p.grad is not None]
-    if st.dp_size > 1:
+    if st.dp_size * st.cp_size > 1:  # over DP×CP: context-parallel ranks saw other tokens
         for g in grads:
-            g.div_(st.dp_size)
-        all_reduce_coalesced(grads, st.groups["dp"])
+            g.div_(st.dp_size * st.cp_size)
+        all_reduce_coalesced(grads, st.groups["dp_cp"])
     sum_replicated_grads([(p, p.grad) for p in params if p.grad is not None])
 
 
