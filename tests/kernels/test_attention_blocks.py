@@ -2,7 +2,8 @@
 packed sequences are built from: output, LSE and gradients against materialised fp64 attention with
 an explicit mask, for causal offsets in every relation (diagonal, left of it, straddling, partly or
 wholly invisible), with and without documents (cu_seqlens), with grouped-query heads; and partial
-results over split key blocks merge to the whole."""
+results over split key blocks merge to the whole. The Triton kernels (attention_block_triton.py, fp32
+in the interpreter, 16×16 tiles) are held to the same reference, on lengths that cross several tiles."""
 import pytest
 import torch
 
@@ -57,6 +58,39 @@ def test_block_matches_masked_attention(q_start, sq, k_start, sk, packed):
                            q_start, k_start, SCALE, cu)
     for got, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-12)
+
+
+CU40 = torch.tensor([[0, 3, 19, 20, 37, 40], [0, 40, 40, 40, 40, 40]])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("q_start,sq,k_start,sk", [
+    (0, 40, 0, 40),     # several 16-tiles, diagonal crossing tile edges
+    (24, 16, 0, 24),    # a later chunk over an earlier one (the ring's unmasked case)
+    (20, 20, 8, 30),    # straddling on both sides
+    (8, 7, 16, 16),     # keys partly after every query: rows that see nothing
+])
+def test_triton_block_matches_masked_attention(q_start, sq, k_start, sk, packed):
+    cu = CU40 if packed else None
+    q, k, v = (t.requires_grad_() for t in inputs(sq, sk))
+    o_ref, lse_ref = masked_attention(q, k, v, q_start, k_start, cu)
+    seen = ~torch.isinf(lse_ref)
+    got = block_forward(*(t.detach().float() for t in (q, k, v)), q_start, k_start, SCALE, cu, backend="triton")
+    if not seen.any():
+        assert got is None
+        return
+    o, lse = got
+    assert o.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref.detach(), rtol=0, atol=1e-5)
+    assert torch.equal(torch.isinf(lse), ~seen)
+    torch.testing.assert_close(lse[seen].double(), lse_ref[seen].detach(), rtol=0, atol=1e-5)
+    do = torch.randn_like(o_ref) * seen[..., None]
+    o_ref.backward(do)
+    grads = block_backward(do.float(), *(t.detach().float() for t in (q, k, v)), o_ref.detach().float(),
+                           torch.where(seen, lse_ref, 0.0).detach().float(), q_start, k_start, SCALE, cu,
+                           backend="triton")
+    for got, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(got.double(), t.grad, rtol=0, atol=2e-5)
 
 
 def test_keys_after_every_query_are_skipped():
