@@ -253,6 +253,8 @@ class GPTModel(nn.Module):
         rotary = None
         if m.position_embedding_type == "rope" and position_ids_bs is not None:
             pos = position_ids_bs[0] if bool((position_ids_bs == position_ids_bs[:1]).all()) else position_ids_bs
+            if pos.dim() == 1 and torch.equal(pos, torch.arange(pos.numel(), device=pos.device)):
+                return None if cu_seqlens_bt is None else (None, cu_seqlens_bt)  # 0..s-1: cached tables
             head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
             rotary = rotary_cos_sin(pos.shape[-1], head_dim, m.rotary_base, device=pos.device, position_ids=pos)
         return None if rotary is None and cu_seqlens_bt is None else (rotary, cu_seqlens_bt)

@@ -42,7 +42,7 @@ def _param_bytes(cfg: Config) -> int:
 def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0) -> dict:
     """Bytes one rank of pipeline stage pp_rank (and data-parallel rank dp_rank) holds for model states."""
     p, t = cfg.parallel, cfg.training
-    dp = cfg.data_parallel_size
+    dp = cfg.data_parallel_size * cfg.parallel.context_parallel_size  # ZeRO shards over DP×CP
     sharded = p.use_distributed_optimizer
     size = getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE
     pbytes = _param_bytes(cfg)
