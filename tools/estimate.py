@@ -1,4 +1,4 @@
-"""Plan a run: for a model (megaflow's flags) and a cluster, enumerate TP / PP / virtual PP / DP / ZeRO /
+"""Plan a run: for a model (megaflow's flags) and a cluster, enumerate TP / CP / PP / virtual PP / DP / ZeRO /
 recompute / micro-batch layouts, predict per-GPU memory and step time, and rank the layouts that fit.
 
     python tools/estimate.py --gpus 64 --gpu-memory-gib 80 \\
