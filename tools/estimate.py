@@ -1,4 +1,4 @@
-"""Plan a run: for a model (megaflow's flags) and a cluster, enumerate TP / PP / virtual PP / DP / ZeRO /
+"""Plan a run: for a model (megaflow's flags) and a cluster, enumerate TP / CP / PP / virtual PP / DP / ZeRO /
 recompute / micro-batch layouts, predict per-GPU memory and step time, and rank the layouts that fit.
 
     python tools/estimate.py --gpus 64 --gpu-memory-gib 80 \\
@@ -55,6 +55,7 @@ def row(plan, rank) -> str:
     p = c.parallel
     zero = f"Z{getattr(p, 'zero_stage', 2)}" if p.use_distributed_optimizer else "-"
     return (f"{rank:>3} {p.tensor_model_parallel_size:>2} {'y' if p.sequence_parallel else '-':>2} "
+            f"{p.context_parallel_size:>2} "
             f"{p.pipeline_model_parallel_size:>2} {p.num_layers_per_virtual_pipeline_stage or '-':>3} "
             f"{c.data_parallel_size:>4} {zero:>4} {c.model.recompute_granularity or '-':>9} "
             f"{c.training.micro_batch_size:>3} | {m['parameters'] / GIB:6.1f} {m['gradients'] / GIB:6.1f} "
@@ -63,8 +64,8 @@ def row(plan, rank) -> str:
             f"{t['bubble_fraction']:5.2f}{'' if plan.fits else '  does not fit'}")
 
 
-HEADER = ("  #  TP SP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total | "
-          " step(s) tok/s/GPU  MFU% bubble\n" + "-" * 121)
+HEADER = ("  #  TP SP CP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total | "
+          " step(s) tok/s/GPU  MFU% bubble\n" + "-" * 124)
 
 
 def main(argv=None) -> int:
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         best = fitting[0]
         print(f"\nbest: {best.flags()}")
         print(f"      predicted step {best.time['step']:.3f} s (compute {best.time['compute']:.3f}, TP comm "
-              f"{best.time['tp_comm']:.3f}, bubble {best.time['bubble_fraction']:.1%}, P2P {best.time['p2p']:.3f}, "
+              f"{best.time['tp_comm']:.3f}, CP comm {best.time['cp_comm']:.3f}, bubble {best.time['bubble_fraction']:.1%}, P2P {best.time['p2p']:.3f}, "
               f"DP exposed {best.time['dp_grad'] + best.time['dp_param']:.3f}, optimizer "
               f"{best.time['optimizer']:.3f}); stage {best.memory['pp_rank']} holds "
               f"{best.memory['in_flight']} micro-batch(es) at its peak")

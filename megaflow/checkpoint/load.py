@@ -109,7 +109,9 @@ def _rng_state(reader, load_rng: bool):
     if (saved["tp"], saved["pp"], saved["dp"]) != (st.tp_size, st.pp_size, st.dp_size):
         return None, (f"saved at TP={saved['tp']} PP={saved['pp']} DP={saved['dp']}, loaded at TP={st.tp_size} "
                       f"PP={st.pp_size} DP={st.dp_size}: random streams belong to ranks and cannot be resharded")
-    fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, st.dp_rank)
+    # CP may differ: the CP ranks of a replica draw from the same streams (seeded by TP and PP rank
+    # only), so the state of the saved replica's first CP rank is this rank's.
+    fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, saved.get("cp", 1) * st.dp_rank)
     handle = reader.open(fname)
     tensors = {k.removeprefix("rng/"): handle.get_tensor(k).clone() for k in handle.keys() if k.startswith("rng/")}
     return from_tensors(tensors, reader.file_header(fname)["rng"]), None

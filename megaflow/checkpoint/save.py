@@ -53,7 +53,9 @@ def _writes(p, is_copy: bool, replicated_over_dp: bool) -> bool:
     tp_sharded = getattr(p, "tensor_parallel", False) and st.tp_size > 1
     if getattr(p, "expert_parallel", False):  # MoE expert: unique per (ETP, EP) rank, replicated over expert-DP
         return (st.etp_rank == 0 or tp_sharded) and (st.edp_rank == 0 or not replicated_over_dp)
-    return not is_copy and (st.tp_rank == 0 or tp_sharded) and (st.dp_rank == 0 or not replicated_over_dp)
+    # Replicated over DP×CP (context-parallel ranks hold the same weights): one of them writes.
+    first_replica = st.dp_rank == 0 and st.cp_rank == 0
+    return not is_copy and (st.tp_rank == 0 or tp_sharded) and (first_replica or not replicated_over_dp)
 
 
 def collect_rank_state(model, optimizer, staging: HostStaging | None = None) -> tuple[dict, dict, dict]:
@@ -162,9 +164,10 @@ class CheckpointWriter:
         fence = self.staging.fence()
         rng_tensors, rng_rest = to_tensors(get_rng_state())
         tensors.update({f"rng/{k}": v for k, v in rng_tensors.items()})
-        fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, st.dp_rank)
+        # One file per rank: its index in the DP×CP group (cp + CP·dp; the DP rank when CP = 1).
+        fname = fmt.rank_file_name(st.tp_rank, st.pp_rank, st.cp_rank + st.cp_size * st.dp_rank)
         header = {"rank": st.rank, "tp_rank": st.tp_rank, "pp_rank": st.pp_rank, "dp_rank": st.dp_rank,
-                  "rng": rng_rest}
+                  "cp_rank": st.cp_rank, "rng": rng_rest}
         gathered = _gather_to_rank0((fname, index, scalars))
         metadata = None
         if st.rank == 0:
@@ -172,7 +175,7 @@ class CheckpointWriter:
             for _f, _i, s in gathered:
                 merged_scalars.update(s)
             metadata = {"format": fmt.FORMAT, "iteration": iteration, "consumed_samples": consumed_samples,
-                        "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size,
+                        "layout": {"tp": st.tp_size, "pp": st.pp_size, "dp": st.dp_size, "cp": st.cp_size,
                                    "vpp": len(model_chunks(model)), "world_size": st.world_size,
                                    "distributed_optimizer": bool(getattr(optimizer, "sharded", False))},
                         "optimizer": None if optimizer is None else type(optimizer.optimizer).__name__,

@@ -12,6 +12,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "tensor-parallel size (TP)")
     pipeline_model_parallel_size: int = _f(1, "pipeline-parallel size (PP)")
     context_parallel_size: int = _f(1, "context-parallel size (CP): each sequence split over CP ranks")
+    cp_comm_type: str = _f("p2p", "how attention crosses the CP ranks: p2p (ring of K/V, overlapped), "
+                                  "a2a (all-to-all over heads), all_gather (gather K/V)",
+                           choices=["p2p", "a2a", "all_gather"])
     expert_model_parallel_size: int = _f(1, "expert-parallel size (EP): MoE experts split over EP ranks, "
                                             "carved out of TP×CP×DP")
     expert_tensor_parallel_size: Optional[int] = _f(None, "tensor-parallel size inside each expert (ETP, "

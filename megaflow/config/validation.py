@@ -99,9 +99,6 @@ def validate(cfg: Config) -> None:
     need((tp * cp * dp) % (etp * ep) == 0,
          f"--expert-tensor-parallel-size ({etp}) × --expert-model-parallel-size ({ep}) must divide the "
          f"{tp * cp * dp} ranks of a pipeline stage (TP {tp} × CP {cp} × DP {dp})")
-    # The groups exist (parallel/state.py); the layers that use them arrive with context parallelism.
-    # Until then refuse a layout that would silently train as plain data parallelism.
-    need(cp == 1, "--context-parallel-size > 1 is not supported yet")
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
     validate_moe(cfg, need)
@@ -118,6 +115,7 @@ def validate(cfg: Config) -> None:
          f"({t.micro_batch_size}) × data-parallel size ({dp})")
     _validate_pipeline(cfg, need)
     validate_resilience_and_reporting(cfg, need)
+    _validate_context_parallel(cfg, need)
     need(m.recompute_method is None or m.recompute_granularity == "full",
          "--recompute-method needs --recompute-granularity full")
     if d.mock_data:
@@ -217,3 +215,30 @@ def set_vocab_size(cfg: Config, tokenizer_vocab_size: int) -> None:
                                            cfg.parallel.tensor_model_parallel_size)
 
 
+
+
+def _validate_context_parallel(cfg: Config, need) -> None:
+    """Context parallelism and packed sequences: both take the block-attention path (layers/
+    context_attention.py), which has no attention dropout and no flash-attn backend."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if cp > 1:
+        need(d.seq_length % (2 * cp) == 0,
+             f"--seq-length ({d.seq_length}) must be divisible by 2 × --context-parallel-size ({2 * cp}): "
+             "each rank holds two of 2·CP chunks")
+        need(not p.sequence_parallel or (d.seq_length // cp) % tp == 0,
+             f"--sequence-parallel with --context-parallel-size {cp} needs --seq-length / CP "
+             f"({d.seq_length // cp}) divisible by --tensor-model-parallel-size ({tp})")
+        need(not p.use_distributed_optimizer or p.zero_stage == 1,
+             f"--context-parallel-size {cp} with --zero-stage {p.zero_stage}: stages 2-3 shard over data "
+             "parallelism only so far; use --zero-stage 1 (it shards over DP×CP)")
+        need(not cfg.moe.num_experts, "--context-parallel-size > 1 with --num-experts is not supported yet")
+        if p.cp_comm_type == "a2a":
+            need((m.num_attention_heads // tp) % cp == 0,
+                 f"--cp-comm-type a2a needs the attention heads of a TP rank ({m.num_attention_heads // tp}) "
+                 f"divisible by --context-parallel-size ({cp}); use --cp-comm-type p2p")
+    if cp > 1 or d.reset_attention_mask:
+        what = f"--context-parallel-size {cp}" if cp > 1 else "--reset-attention-mask"
+        need(m.attention_dropout == 0, f"{what} needs --attention-dropout 0 (its attention kernels have no dropout)")
+        need(m.attention_backend != "flash-attn",
+             f"{what} needs --attention-backend triton, torch or auto (not flash-attn)")

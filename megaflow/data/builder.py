@@ -27,7 +27,7 @@ def gpt_config_from(cfg, tokenizer) -> GPTDatasetConfig:
         pad=pad if pad is not None and pad >= 0 and pad != tokenizer.eod else -1,
         split=split, split_matrix=split_matrix(parse_split(split)), path_to_cache=d.data_cache_path,
         reset_position_ids=d.reset_position_ids, reset_attention_mask=d.reset_attention_mask,
-        eod_mask_loss=d.eod_mask_loss)
+        eod_mask_loss=d.eod_mask_loss, create_attention_mask=False)
 
 
 def train_valid_test_num_samples(cfg, train_iters: Optional[int] = None) -> List[int]:

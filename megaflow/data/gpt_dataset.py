@@ -39,6 +39,9 @@ class GPTDatasetConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    # Megatron-Core's switch: with reset_attention_mask, build the [1, s, s] mask (True), or give the
+    # document boundaries as cu_seqlens instead (False: what training uses; O(s), no s×s mask).
+    create_attention_mask: bool = True
     add_extra_token_to_sequence: bool = True
     drop_last_partial_validation_sequence: bool = True
     mid_level_dataset_surplus: float = 0.005
@@ -177,7 +180,7 @@ class GPTDataset(torch.utils.data.Dataset):
             tokens, labels = text, torch.roll(text, -1)
             labels[-1] = cfg.pad
         sample = masks_and_position_ids(tokens, cfg.eod, cfg.reset_position_ids, cfg.reset_attention_mask,
-                                        cfg.eod_mask_loss)
+                                        cfg.eod_mask_loss, cfg.create_attention_mask)
         sample["loss_mask"][labels == cfg.pad] = 0.0
         tokens[tokens == cfg.pad] = 0  # padding must still be a valid embedding row
         labels[labels == cfg.pad] = 0
@@ -192,10 +195,13 @@ def _file_sizes(prefix: Optional[str]):
 
 
 def masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_position_ids: bool,
-                           reset_attention_mask: bool, eod_mask_loss: bool) -> Dict[str, torch.Tensor]:
+                           reset_attention_mask: bool, eod_mask_loss: bool,
+                           create_attention_mask: bool = True) -> Dict[str, torch.Tensor]:
     """Megatron's left-to-right masks, vectorised. loss_mask 0 on EOD inputs (with eod_mask_loss);
     positions restart after each EOD (reset_position_ids); attention_mask [1, s, s] bool, True =
-    masked, blocks attention across EODs (only built with reset_attention_mask)."""
+    masked, blocks attention across EODs (only built with reset_attention_mask). Without
+    create_attention_mask the same documents come as cu_seqlens [s + 1] int64: 0, the start of each
+    document after an EOD, s, then s repeated (a fixed length, so samples batch)."""
     s = tokens.numel()
     loss_mask = torch.ones(s, dtype=torch.float32)
     is_eod = tokens == eod
@@ -209,7 +215,12 @@ def masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_position_ids: b
         eod_at = torch.nonzero(is_eod[:-1], as_tuple=True)[0]
         marker[eod_at + 1] = eod_at + 1
         doc_start = torch.cummax(marker, dim=0).values
-        if reset_attention_mask:
+        if reset_attention_mask and not create_attention_mask:
+            cu = torch.full((s + 1,), s, dtype=torch.long)
+            cu[0] = 0
+            cu[1:1 + eod_at.numel()] = eod_at + 1
+            out["cu_seqlens"] = cu
+        elif reset_attention_mask:
             cols = positions.view(1, s)
             allowed = (cols <= positions.view(s, 1)) & (cols >= doc_start.view(s, 1))
             out["attention_mask"] = (~allowed).unsqueeze(0)

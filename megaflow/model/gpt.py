@@ -30,6 +30,7 @@ from torch import nn
 from megaflow.config import Config
 from megaflow.kernels.attention import attention
 from megaflow.kernels.rope import apply_rotary, rotary_cos_sin
+from megaflow.layers.context_attention import context_parallel_attention
 from megaflow.layers.linear import column_parallel_matmul
 from megaflow.layers.mlp import MLP  # noqa: F401  (re-exported: its home was this file)
 from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
@@ -57,6 +58,9 @@ class SelfAttention(nn.Module):
         self.dropout_p = m.attention_dropout
         self.backend = m.attention_backend
         self.recompute_core = m.recompute_granularity == "selective"
+        # Tokens spread over CP ranks (zigzag) or packed documents: the block-attention path.
+        self.context_parallel = state.get().cp_size > 1
+        self.cp_comm_type = cfg.parallel.cp_comm_type
 
     def _rotary_tables(self, seq_len, device):
         # Same tables every step: compute once per sequence length (not a parameter, not saved).
@@ -66,20 +70,28 @@ class SelfAttention(nn.Module):
             self._rotary_key = key
         return self._rotary
 
-    def _core(self, q_bnsd, k_bgsd, v_bgsd):
+    def _core(self, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt=None):
+        if self.context_parallel or cu_seqlens_bt is not None:  # (config refuses dropout here)
+            return context_parallel_attention(q_bnsd, k_bgsd, v_bgsd, self.cp_comm_type, cu_seqlens_bt,
+                                              backend=self.backend)
         if not (self.training and self.dropout_p > 0):
             return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, backend=self.backend)
         with random.model_parallel_rng():  # this rank's heads: its own dropout stream
             return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=self.dropout_p,
                              backend=self.backend)
 
-    def forward(self, x_sbh, inference_cache=None):
+    def forward(self, x_sbh, inference_cache=None, context=None):
+        """context: (rotary tables from the tokens' position ids or None, cu_seqlens [b, t] or None)."""
+        rotary, cu_seqlens_bt = context or (None, None)
         q, k, v = self.linear_qkv(x_sbh)                               # [s, b, n·d], [s, b, g·d] x2
         s, b = q.shape[:2]
         q_bnsd = q.reshape(s, b, self.n_local, self.head_dim).permute(1, 2, 0, 3)
         k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
-        if self.rope:
+        if self.rope and rotary is not None:  # each token's own position (CP chunks, reset positions)
+            q_bnsd = apply_rotary(q_bnsd, *rotary, backend=self.backend)
+            k_bgsd = apply_rotary(k_bgsd, *rotary, backend=self.backend)
+        elif self.rope:
             # With a cache these s tokens sit at positions offset..offset+s-1 of a longer sequence.
             offset = inference_cache.offset if inference_cache is not None else 0
             table_len = inference_cache.max_length if inference_cache is not None else s
@@ -91,9 +103,9 @@ class SelfAttention(nn.Module):
             out_bnsd = attention(q_bnsd, k_bgsd, v_bgsd, causal=k_bgsd.shape[2] == s, backend=self.backend)
         elif self.recompute_core and self.training:
             # Selective recompute: attention's activations are the largest and cheapest to redo.
-            out_bnsd = random.checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd)
+            out_bnsd = random.checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt)
         else:
-            out_bnsd = self._core(q_bnsd, k_bgsd, v_bgsd)
+            out_bnsd = self._core(q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt)
         out_sbh = out_bnsd.permute(2, 0, 1, 3).reshape(s, b, self.n_local * self.head_dim)
         return self.linear_proj(out_sbh)
 
@@ -115,8 +127,8 @@ class TransformerLayer(nn.Module):
     def _dropout(self, x_sbh):
         return random.dropout(x_sbh, self.hidden_dropout, self.training, model_parallel=self.sequence_parallel)
 
-    def forward(self, x_sbh, inference_cache=None):
-        x_sbh = x_sbh + self._dropout(self.self_attention(self.input_norm(x_sbh), inference_cache))
+    def forward(self, x_sbh, inference_cache=None, context=None):
+        x_sbh = x_sbh + self._dropout(self.self_attention(self.input_norm(x_sbh), inference_cache, context))
         return x_sbh + self._dropout(self.mlp(self.pre_mlp_norm(x_sbh)))
 
 
@@ -203,30 +215,47 @@ class GPTModel(nn.Module):
         return random.dropout(x_sbh, self.embedding_dropout, self.training,
                               model_parallel=self.sequence_parallel)
 
-    def _run_layers(self, x_sbh, inference_cache=None):
+    def _run_layers(self, x_sbh, inference_cache=None, context=None):
         if not (self.recompute and self.training):
             for layer in self.layers:
-                x_sbh = layer(x_sbh, inference_cache)
+                x_sbh = layer(x_sbh, inference_cache, context)
             return x_sbh
         n, k = len(self.layers), self.recompute_num_layers
         if self.recompute_method == "uniform":  # checkpoint every chunk of k layers
             for start in range(0, n, k):
                 chunk = self.layers[start:start + k]
-                x_sbh = random.checkpoint(lambda x, c=chunk: _run_chunk(c, x), x_sbh)
+                x_sbh = random.checkpoint(lambda x, c=chunk: _run_chunk(c, x, context), x_sbh)
             return x_sbh
         for i, layer in enumerate(self.layers):  # "block": checkpoint the first k layers only
-            x_sbh = random.checkpoint(layer, x_sbh) if i < k else layer(x_sbh)
+            x_sbh = random.checkpoint(layer, x_sbh, None, context) if i < k else layer(x_sbh, None, context)
         return x_sbh
 
+    def _attention_context(self, position_ids_bs, cu_seqlens_bt):
+        """What every layer's attention needs besides its input: RoPE tables at the tokens' true
+        positions (one [s, d] table when every sample has the same positions) and the documents."""
+        m = self.cfg.model
+        rotary = None
+        if m.position_embedding_type == "rope" and position_ids_bs is not None:
+            pos = position_ids_bs[0] if bool((position_ids_bs == position_ids_bs[:1]).all()) else position_ids_bs
+            if pos.dim() == 1 and torch.equal(pos, torch.arange(pos.numel(), device=pos.device)):
+                return None if cu_seqlens_bt is None else (None, cu_seqlens_bt)  # 0..s-1: cached tables
+            head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+            rotary = rotary_cos_sin(pos.shape[-1], head_dim, m.rotary_base, device=pos.device, position_ids=pos)
+        return None if rotary is None and cu_seqlens_bt is None else (rotary, cu_seqlens_bt)
+
     def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None,
-                inference_cache=None):
+                inference_cache=None, cu_seqlens_bt=None):
         """First stage: input ids -> hidden. Middle: hidden -> hidden. Last stage: -> logits, or the
         per-token loss [b, s] when labels are given. With an inference_cache (inference/cache.py) the
-        tokens continue the cached ones: keys/values are appended and positions start after them."""
+        tokens continue the cached ones: keys/values are appended and positions start after them.
+        position_ids_bs are the tokens' positions (any stage: RoPE rotates by them; under context
+        parallelism they are this rank's zigzag chunks); cu_seqlens_bt [b, t] the packed documents'
+        boundaries (attention stays inside each document)."""
         if inference_cache is not None and position_ids_bs is None and self.pre_process:
             position_ids_bs = inference_cache.position_ids(input_ids_bs)
         x_sbh = self.embed(input_ids_bs, position_ids_bs) if self.pre_process else hidden_sbh
-        x_sbh = self._run_layers(x_sbh, inference_cache)
+        context = None if inference_cache is not None else self._attention_context(position_ids_bs, cu_seqlens_bt)
+        x_sbh = self._run_layers(x_sbh, inference_cache, context)
         if inference_cache is not None:
             inference_cache.advance(x_sbh.shape[0])
         if not self.post_process:
@@ -242,8 +271,8 @@ class GPTModel(nn.Module):
         return self.lm_loss(logits_sbv, labels_bs.t()).t()
 
 
-def _run_chunk(layers, x):
+def _run_chunk(layers, x, context=None):
     for layer in layers:
-        x = layer(x)
+        x = layer(x, None, context)
     return x
 

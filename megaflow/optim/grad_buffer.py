@@ -136,8 +136,10 @@ class GradSync:
     def __init__(self, chunks: list, bucket_size: int | None = None, overlap: bool = False,
                  reduce_scatter: bool = False):
         st = state.get()
-        self.dp_size, self.dp_rank = st.dp_size, st.dp_rank
-        self.group = st.groups.get("dp")
+        # Dense gradients are averaged (and ZeRO shards owned) over DP×CP: context-parallel ranks hold
+        # the same weights and saw other tokens. The index in that group is cp + CP·dp (rank order).
+        self.dp_size, self.dp_rank = st.dp_size * st.cp_size, st.cp_rank + st.cp_size * st.dp_rank
+        self.group = st.groups.get("dp_cp")
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
         self.buffers = []
         for c in chunks:

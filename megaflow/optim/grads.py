@@ -35,13 +35,13 @@ def finalize_gradients(params) -> None:
     sum the grads of TP-replicated params that saw only this rank's tokens (sequence parallelism)."""
     st = state.get()
     grads = [p.grad for p in params if p.grad is not None]
-    if st.dp_size > 1:
+    if st.dp_size * st.cp_size > 1:  # over DP×CP: context-parallel ranks saw other tokens
         for g in grads:
-            g.div_(st.dp_size)
+            g.div_(st.dp_size * st.cp_size)
     dense = [p.grad for p in params if p.grad is not None and not is_expert(p)]
     expert = [p.grad for p in params if p.grad is not None and is_expert(p)]
-    if st.dp_size > 1:
-        all_reduce_coalesced(dense, st.groups["dp"])
+    if st.dp_size * st.cp_size > 1:
+        all_reduce_coalesced(dense, st.groups["dp_cp"])
     if st.edp_size > 1:  # experts: the same mean, summed over the ranks holding the same experts
         all_reduce_coalesced(expert, st.groups["edp"])
     sum_replicated_grads([(p, p.grad) for p in params if p.grad is not None])

@@ -140,8 +140,9 @@ def exchange(sends: Sequence[tuple[str, int, torch.Tensor]], recvs: Sequence[tup
 
 
 def activation_shape(cfg, micro_batch_size: Optional[int] = None) -> tuple[int, int, int]:
-    """[s, b, h] of the hidden state passed between stages (s/TP under sequence parallelism)."""
-    s = cfg.data.seq_length
+    """[s, b, h] of the hidden state passed between stages (s/CP of the sequence under context
+    parallelism, and of that s/TP under sequence parallelism)."""
+    s = cfg.data.seq_length // cfg.parallel.context_parallel_size
     if cfg.parallel.sequence_parallel:
         s //= state.get().tp_size
     return (s, micro_batch_size or cfg.training.micro_batch_size, cfg.model.hidden_size)

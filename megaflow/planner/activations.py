@@ -32,6 +32,12 @@ Per transformer layer:
     dropout (2)   on the projection / FC2 output (+ bias): cpu its dtype · ts·h, cuda ts·h
     MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: gate, up 2·a·t·f + silu(gate) +
                   product 2·a·t·f | cuda: gate, up + product 3·a·t·f
+Context parallelism (CP) and packed documents: every figure above is per rank, so s is the sequence
+length / CP (this rank's zigzag chunks). Their attention (layers/context_attention.py) keeps q, k, v
+(a2a: after the all-to-all, kv heads repeated to n when g is not a multiple of CP), the fp32 output
+accumulator 4·t·n·d and LSE 4·b·n·s, and the projection's input a·t·n·d; with positions other than
+0..s−1 (CP, --reset-position-ids) the fp32 RoPE tables are built per micro-batch from the position ids
+(2·4·s·d, or per sample when positions differ between samples).
 Recompute: selective checkpoints core attention (its inputs q, k, v stay: the QKV output and the RoPE
 outputs); its internals come back during its backward. Full checkpoints chunks of layers: only each
 chunk's input stays; one chunk's activations come back during its backward.
@@ -58,8 +64,8 @@ class Segment:
 
 def _dims(cfg: Config):
     m, p = cfg.model, cfg.parallel
-    tp = p.tensor_model_parallel_size
-    s, b = cfg.data.seq_length, cfg.training.micro_batch_size
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    s, b = cfg.data.seq_length // cp, cfg.training.micro_batch_size
     t = s * b
     ts = t // tp if p.sequence_parallel else t
     half = cfg.training.bf16 or cfg.training.fp16
@@ -67,7 +73,18 @@ def _dims(cfg: Config):
     a = 2 if half else 4
     return dict(s=s, b=b, t=t, ts=ts, h=m.hidden_size, n=m.num_attention_heads // tp,
                 g=m.num_query_groups // tp, d=head_dim(cfg), f=m.ffn_hidden_size // tp, a=a,
-                r=4 if autocast else a, autocast=autocast, tp=tp, sp=p.sequence_parallel and tp > 1)
+                r=4 if autocast else a, autocast=autocast, tp=tp, sp=p.sequence_parallel and tp > 1, cp=cp)
+
+
+def block_attention(cfg: Config) -> bool:
+    """Whether attention takes the context-parallel / packed-document path."""
+    return cfg.parallel.context_parallel_size > 1 or cfg.data.reset_attention_mask
+
+
+def positions_from_ids(cfg: Config) -> bool:
+    """Whether RoPE tables come from the batch's position ids (not the cached 0..s−1 tables)."""
+    return cfg.model.position_embedding_type == "rope" and (
+        cfg.parallel.context_parallel_size > 1 or cfg.data.reset_position_ids)
 
 
 def _norm_bytes(cfg: Config, device: str, D: dict) -> int:
@@ -125,6 +142,17 @@ def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict
             tables = 4 * a * s * d
     out = a * t * n * d
     lse = 4 * b * n * s
+    if block_attention(cfg):
+        p = cfg.parallel
+        kv_heads = n if (p.cp_comm_type == "a2a" and g % D["cp"]) else g
+        inputs = a * t * (n + 2 * kv_heads) * d
+        if p.cp_comm_type != "a2a" or D["cp"] == 1:  # the RoPE outputs and v are what it keeps
+            inputs = (a * t * g * d + rope) if cfg.model.position_embedding_type == "rope" else qkv
+        state_ = 4 * t * n * d + 4 * b * n * s
+        if selective:
+            return {"attention inputs": inputs + tables, "attention output": out}, state_
+        return {"attention inputs": inputs + tables, "attention accumulator and lse": state_,
+                "projection input": out}, 0.0
     math = device == "cpu" and cfg.model.attention_dropout > 0
     internals = (3 * 4 * t * n * d + 3 * 4 * b * n * s * s) if math else out + lse
     if selective:  # checkpoint(core, q, k, v): q, k, v kept; the projection keeps the output
@@ -158,7 +186,7 @@ def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
 def rope_tables(cfg: Config, device: str = "cpu") -> float:
     """Each attention module caches fp32 cos/sin tables [s, d]; the RoPE of an fp32 q (or the Triton
     kernel) saves them: once per layer, not per micro-batch."""
-    if cfg.model.position_embedding_type != "rope":
+    if cfg.model.position_embedding_type != "rope" or positions_from_ids(cfg):
         return 0.0
     if device == "cpu" and (cfg.training.bf16 or cfg.training.fp16):
         return 0.0  # the 16-bit copies are saved instead (per micro-batch, in the layer's terms)
@@ -192,7 +220,7 @@ def head_terms(cfg: Config, device: str = "cpu") -> dict:
 
 
 # Terms of a layer still alive when its backward reaches core attention.
-ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables")
+ATTENTION_FRONT = ("input norm", "qkv input", "qkv output", "rope outputs", "rope tables", "attention inputs")
 
 
 def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -> list[Segment]:
@@ -202,6 +230,10 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
     pre, post = chunk_flags(cfg, pp_rank, v)
     n_layers = len(stage_layer_numbers(cfg, pp_rank, v))
     segs = []
+    if positions_from_ids(cfg) and not (device == "cpu" and D["a"] != 4):
+        # Tables from this micro-batch's position ids, saved (one storage) by every layer's RoPE.
+        rows = D["s"] if not cfg.data.reset_position_ids else D["t"]
+        segs.append(Segment("rope tables", 2 * 4 * rows * D["d"], terms={"rope tables": 2 * 4 * rows * D["d"]}))
     if pre:
         terms = embedding_terms(cfg, device)
         segs.append(Segment("embedding", sum(terms.values()), terms=terms))

@@ -74,7 +74,7 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0, edp_rank:
     MoE experts sit in a buffer of their own per chunk, padded and ZeRO-sharded over expert-DP (its
     rank edp_rank, by default dp_rank modulo its size)."""
     p, t = cfg.parallel, cfg.training
-    dp, edp = cfg.data_parallel_size, expert_data_parallel_size(cfg)
+    dp, edp = cfg.data_parallel_size * p.context_parallel_size, expert_data_parallel_size(cfg)  # ZeRO: DP×CP
     sharded = p.use_distributed_optimizer
     size = getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE
     pbytes = _param_bytes(cfg)

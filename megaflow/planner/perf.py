@@ -11,6 +11,12 @@
     DP          fp32 gradient all-reduce (plain DP, ZeRO-1) or reduce-scatter (ZeRO-2), and with ZeRO
                 the parameter all-gather; with --overlap-grad-reduce / --overlap-param-gather only what
                 the last backward / first forward cannot hide
+    CP          every FLOP and activation of a rank ∝ s/CP (zigzag chunks balance causal attention);
+                per layer and micro-batch the attention exchanges K/V: p2p (CP−1) K/V blocks forward,
+                (CP−1) K/V + CP fp32 dK/dV blocks backward, hidden behind the attention of the block in
+                hand except the part longer than it; a2a 4 all-to-alls of q, k, v, o each way; all_gather
+                gathers K/V (forward and again in backward) and reduce-scatters fp32 dK/dV; not hidden.
+                DP gradients are reduced over DP×CP.
     optimizer   memory-bound: the owned elements' bytes read and written once at HBM bandwidth
     overhead    KERNELS_PER_LAYER kernels per layer forward (twice that backward) × kernel_overhead_us per
                 micro-batch: what makes tiny micro-batches slow although their FLOPs are the same
@@ -84,25 +90,48 @@ def _ring(kind: str, nbytes: float, n: int, bw: float, latency: float) -> float:
     return factor * (n - 1) / n * nbytes / bw + latency
 
 
+def cp_comm_times(cfg: Config, cluster: Cluster, layers: int) -> tuple[float, float]:
+    """(forward, backward) seconds of context-parallel attention communication, one micro-batch."""
+    m, p = cfg.model, cfg.parallel
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    if cp == 1:
+        return 0.0, 0.0
+    bw, lat = _bw(spans_nodes(cp, tp, cluster), cluster), cluster.latency_us * 1e-6
+    tokens = cfg.data.seq_length // cp * cfg.training.micro_batch_size
+    d, n, g = head_dim(cfg), m.num_attention_heads // tp, m.num_query_groups // tp
+    kv = 2 * tokens * g * d * _act_bytes(cfg)
+    if p.cp_comm_type == "p2p":
+        # One block per ring step, overlapped with that step's attention (1/CP of the layer's core).
+        core = attention_core_flops(cfg) / (tp * cp * cp) / (cluster.peak_tflops * 1e12 * cluster.efficiency)
+        step = lambda nbytes: max(nbytes / bw + lat - core, lat)  # noqa: E731
+        return layers * (cp - 1) * step(kv), layers * ((cp - 1) * step(kv) + cp * step(kv * 4 / _act_bytes(cfg)))
+    if p.cp_comm_type == "a2a":
+        moved = (cp - 1) / cp * tokens * (2 * n + 2 * g) * d * _act_bytes(cfg)
+        return layers * (moved / bw + 4 * lat), layers * (moved / bw + 4 * lat)
+    gather = _ring("all_gather", cp * kv, cp, bw, lat)
+    return layers * gather, layers * (gather + _ring("reduce_scatter", cp * kv * 4 / _act_bytes(cfg), cp, bw, lat))
+
+
 def stage_times(cfg: Config, pp_rank: int, cluster: Cluster) -> dict:
     """Forward and backward time of one micro-batch through all chunks of a stage (seconds)."""
     m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
+    cp = p.context_parallel_size  # a rank computes 1/CP of every sequence
     rate = cluster.peak_tflops * 1e12 * cluster.efficiency
     lat = cluster.latency_us * 1e-6
     tp_bw = _bw(spans_nodes(tp, 1, cluster), cluster)
-    T = cfg.data.seq_length * cfg.training.micro_batch_size * m.hidden_size * _act_bytes(cfg)
+    T = cfg.data.seq_length // cp * cfg.training.micro_batch_size * m.hidden_size * _act_bytes(cfg)
     layers = sum(len(stage_layer_numbers(cfg, pp_rank, v)) for v in range(virtual_pipeline_size(cfg)))
-    fwd = layers * layer_forward_flops(cfg) / tp
+    fwd = layers * layer_forward_flops(cfg) / (tp * cp)
     for v in range(virtual_pipeline_size(cfg)):
         if chunk_flags(cfg, pp_rank, v)[1]:  # logits GEMM on the padded vocabulary
             fwd += 2 * m.hidden_size * cfg.padded_vocab_size * cfg.data.seq_length \
-                * cfg.training.micro_batch_size / tp
+                * cfg.training.micro_batch_size / (tp * cp)
     recompute = 0.0
     if m.recompute_granularity == "full":
-        recompute = layers * layer_forward_flops(cfg) / tp
+        recompute = layers * layer_forward_flops(cfg) / (tp * cp)
     elif m.recompute_granularity == "selective":
-        recompute = layers * attention_core_flops(cfg) / tp
+        recompute = layers * attention_core_flops(cfg) / (tp * cp)
     if p.sequence_parallel:
         ag, rs = _ring("all_gather", T, tp, tp_bw, lat), _ring("reduce_scatter", T, tp, tp_bw, lat)
         tp_fwd, tp_bwd = layers * 2 * (ag + rs), layers * (4 * ag + 2 * rs)
@@ -112,9 +141,12 @@ def stage_times(cfg: Config, pp_rank: int, cluster: Cluster) -> dict:
     if m.recompute_granularity == "full":
         tp_bwd += tp_fwd
     launch = layers * KERNELS_PER_LAYER * cluster.kernel_overhead_us * 1e-6
-    return {"forward": fwd / rate + tp_fwd + launch,
-            "backward": (2 * fwd + recompute) / rate + tp_bwd + launch * (3 if m.recompute_granularity == "full" else 2),
-            "compute": (3 * fwd + recompute) / rate, "tp_comm": tp_fwd + tp_bwd}
+    cp_fwd, cp_bwd = cp_comm_times(cfg, cluster, layers)
+    if m.recompute_granularity == "full":
+        cp_bwd += cp_fwd
+    return {"forward": fwd / rate + tp_fwd + cp_fwd + launch,
+            "backward": (2 * fwd + recompute) / rate + tp_bwd + cp_bwd + launch * (3 if m.recompute_granularity == "full" else 2),
+            "compute": (3 * fwd + recompute) / rate, "tp_comm": tp_fwd + tp_bwd, "cp_comm": cp_fwd + cp_bwd}
 
 
 def step_time(cfg: Config, cluster: Cluster) -> dict:
@@ -129,13 +161,15 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
     pipeline = (mbs + (pp - 1) / vs) * fb
     p2p = 0.0
     if pp > 1:
-        s = cfg.data.seq_length // (tp if p.sequence_parallel else 1)
+        s = cfg.data.seq_length // p.context_parallel_size // (tp if p.sequence_parallel else 1)
         msg = s * cfg.training.micro_batch_size * cfg.model.hidden_size * _act_bytes(cfg)
-        p2p = (mbs * vs + pp - 1) * 2 * (msg / _bw(spans_nodes(pp, tp * dp, cluster), cluster) + lat)
+        stride = tp * p.context_parallel_size * dp
+        p2p = (mbs * vs + pp - 1) * 2 * (msg / _bw(spans_nodes(pp, stride, cluster), cluster) + lat)
     # Data parallelism: the stage with most parameters decides.
     states = [model_state_bytes(cfg, r) for r in range(pp)]
     grad_bytes = max(s["gradients"] for s in states)
     param_bytes = max(s["parameters"] for s in states)
+    dp = dp * p.context_parallel_size  # dense gradients are reduced (and ZeRO-sharded) over DP×CP
     dp_bw = _bw(spans_nodes(dp, tp, cluster), cluster)
     zero = getattr(p, "zero_stage", 1) if p.use_distributed_optimizer else 0
     if zero >= 2:  # the states hold shards: the traffic is the full buffers'
@@ -161,4 +195,5 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
     bubble = (pp - 1) / (vs * mbs + pp - 1) if pp > 1 else 0.0
     return {"step": total, "pipeline": pipeline, "bubble_fraction": bubble, "p2p": p2p,
             "dp_grad": grad_comm, "dp_param": param_comm, "optimizer": optimizer,
-            "tp_comm": slowest["tp_comm"] * mbs, "compute": slowest["compute"] * mbs}
+            "tp_comm": slowest["tp_comm"] * mbs, "cp_comm": slowest["cp_comm"] * mbs,
+            "compute": slowest["compute"] * mbs}

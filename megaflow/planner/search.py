@@ -24,7 +24,10 @@ GIB = 1024 ** 3
 SEARCHED = {"--tensor-model-parallel-size": "tp", "--pipeline-model-parallel-size": "pp",
             "--num-layers-per-virtual-pipeline-stage": "vpp", "--use-distributed-optimizer": "zero",
             "--zero-stage": "zero", "--recompute-granularity": "recompute", "--micro-batch-size": "mbs",
-            "--sequence-parallel": "sp"}
+            "--sequence-parallel": "sp", "--context-parallel-size": "cp", "--cp-comm-type": "cp"}
+
+# Context parallelism is tried for sequences long enough that a rank keeps at least this many tokens.
+MIN_TOKENS_PER_CP_RANK = 4096
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Plan:
         p, m, t = self.cfg.parallel, self.cfg.model, self.cfg.training
         out = [f"--tensor-model-parallel-size {p.tensor_model_parallel_size}",
                f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}"]
+        if p.context_parallel_size > 1:
+            out.append(f"--context-parallel-size {p.context_parallel_size} --cp-comm-type {p.cp_comm_type}")
         if p.sequence_parallel:
             out.append("--sequence-parallel")
         if p.num_layers_per_virtual_pipeline_stage:
@@ -98,37 +103,47 @@ def candidates(base: Config, cluster: Cluster, fixed: set = frozenset()):
         for pp in pps:
             if gpus % (tp * pp):
                 continue
-            dp = gpus // (tp * pp)
-            per_stage = m.num_layers // pp
-            vpps = [p.num_layers_per_virtual_pipeline_stage] if "vpp" in fixed else \
-                [None] + ([k for k in _divisors(per_stage) if per_stage // k >= 2] if pp > 1 else [])
-            zeros = [(p.use_distributed_optimizer, getattr(p, "zero_stage", 1))] if "zero" in fixed else \
-                [(False, 1)] + ([(True, 1), (True, 2), (True, 3)] if dp > 1 else [])
-            recomputes = [m.recompute_granularity] if "recompute" in fixed else [None, "selective", "full"]
-            mbss = [t.micro_batch_size] if "mbs" in fixed else [b for b in (1, 2, 4, 8, 16)]
-            sps = [p.sequence_parallel] if "sp" in fixed else [tp > 1]
-            for vpp, (zero, stage), rc, mbs, sp in itertools.product(vpps, zeros, recomputes, mbss, sps):
-                cfg = copy.deepcopy(base)
-                cfg.world_size = gpus
-                cp, cm, ct = cfg.parallel, cfg.model, cfg.training
-                cp.tensor_model_parallel_size, cp.pipeline_model_parallel_size = tp, pp
-                cp.num_layers_per_virtual_pipeline_stage = vpp
-                cp.use_distributed_optimizer = zero
-                if hasattr(cp, "zero_stage"):
-                    cp.zero_stage = stage
-                elif zero and stage == 1:
-                    continue  # this engine has one ZeRO flavour
-                cp.sequence_parallel = sp and tp > 1
-                cp.overlap_grad_reduce = dp > 1
-                cp.overlap_param_gather = zero
-                cm.recompute_granularity, cm.recompute_method, cm.recompute_num_layers = rc, None, None
-                ct.micro_batch_size = mbs
-                try:
-                    validate(cfg)
-                except ConfigError:
-                    continue
-                set_vocab_size(cfg, base.vocab_size)
-                yield cfg
+            for cp_size in ([p.context_parallel_size] if "cp" in fixed else
+                            [c for c in _divisors(gpus // (tp * pp))
+                             if c == 1 or base.data.seq_length // c >= MIN_TOKENS_PER_CP_RANK]):
+                yield from _layouts(base, cluster, fixed, tp, pp, cp_size)
+
+
+def _layouts(base: Config, cluster: Cluster, fixed: set, tp: int, pp: int, cp_size: int):
+    m, p, t = base.model, base.parallel, base.training
+    gpus = cluster.gpus
+    dp = gpus // (tp * pp * cp_size)
+    per_stage = m.num_layers // pp
+    vpps = [p.num_layers_per_virtual_pipeline_stage] if "vpp" in fixed else \
+        [None] + ([k for k in _divisors(per_stage) if per_stage // k >= 2] if pp > 1 else [])
+    zeros = [(p.use_distributed_optimizer, getattr(p, "zero_stage", 1))] if "zero" in fixed else \
+        [(False, 1)] + ([(True, 1), (True, 2), (True, 3)] if dp * cp_size > 1 else [])  # ZeRO: over DP×CP
+    recomputes = [m.recompute_granularity] if "recompute" in fixed else [None, "selective", "full"]
+    mbss = [t.micro_batch_size] if "mbs" in fixed else [b for b in (1, 2, 4, 8, 16)]
+    sps = [p.sequence_parallel] if "sp" in fixed else [tp > 1]
+    for vpp, (zero, stage), rc, mbs, sp in itertools.product(vpps, zeros, recomputes, mbss, sps):
+        cfg = copy.deepcopy(base)
+        cfg.world_size = gpus
+        cp, cm, ct = cfg.parallel, cfg.model, cfg.training
+        cp.tensor_model_parallel_size, cp.pipeline_model_parallel_size = tp, pp
+        cp.context_parallel_size = cp_size
+        cp.num_layers_per_virtual_pipeline_stage = vpp
+        cp.use_distributed_optimizer = zero
+        if hasattr(cp, "zero_stage"):
+            cp.zero_stage = stage
+        elif zero and stage == 1:
+            continue  # this engine has one ZeRO flavour
+        cp.sequence_parallel = sp and tp > 1
+        cp.overlap_grad_reduce = dp * cp_size > 1
+        cp.overlap_param_gather = zero
+        cm.recompute_granularity, cm.recompute_method, cm.recompute_num_layers = rc, None, None
+        ct.micro_batch_size = mbs
+        try:
+            validate(cfg)
+        except ConfigError:
+            continue
+        set_vocab_size(cfg, base.vocab_size)
+        yield cfg
 
 
 def search(base: Config, cluster: Cluster, fixed: set = frozenset(), device: str = "cuda") -> list[Plan]:

@@ -70,12 +70,18 @@ def layout_report(cfg: Config) -> list[str]:
     p = cfg.parallel
     tp, pp, dp, vs = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.data_parallel_size, \
         virtual_pipeline_size(cfg)
-    groups = layout_ranks(cfg.world_size, tp, pp)
-    lines = [f"layout: {cfg.world_size} ranks = TP {tp} x PP {pp} x DP {dp} (rank = tp + {tp}·(dp + {dp}·pp))"
-             + (", sequence parallel" if p.sequence_parallel else "")
+    cp = p.context_parallel_size
+    groups = layout_ranks(cfg.world_size, tp, pp, cp)
+    if cp == 1:
+        lines = [f"layout: {cfg.world_size} ranks = TP {tp} x PP {pp} x DP {dp} (rank = tp + {tp}·(dp + {dp}·pp))"]
+    else:
+        lines = [f"layout: {cfg.world_size} ranks = TP {tp} x CP {cp} x PP {pp} x DP {dp} "
+                 f"(rank = tp + {tp}·(cp + {cp}·(dp + {dp}·pp))), context parallel {p.cp_comm_type}: "
+                 f"{cfg.data.seq_length // cp} tokens of each sequence per rank"]
+    lines = [lines[0] + (", sequence parallel" if p.sequence_parallel else "")
              + (f", {vs} model chunks per stage (interleaved)" if vs > 1 else "")]
     for r in range(pp):
-        ranks = sorted(x for x in range(cfg.world_size) if x // (tp * dp) == r)
+        ranks = sorted(x for x in range(cfg.world_size) if x // (tp * cp * dp) == r)
         parts = []
         for v in range(vs):
             layers = stage_layer_numbers(cfg, r, v)
@@ -88,7 +94,8 @@ def layout_report(cfg: Config) -> list[str]:
         for t in range(tp):
             members = [x for x in range(cfg.world_size) if x % tp == t]
             lines.append(f"  TP rank {t} (ranks {_ranges(members)}): {_shards(cfg, t)}")
-    lines.append(f"  groups: TP {groups['tp'][0]}..., DP {groups['dp'][0]}..., PP {groups['pp'][0]}...")
+    lines.append(f"  groups: TP {groups['tp'][0]}..., DP {groups['dp'][0]}..., PP {groups['pp'][0]}..."
+                 + (f", CP {groups['cp'][0]}..., gradients over DP×CP {groups['dp_cp'][0]}..." if cp > 1 else ""))
     if cfg.moe.num_experts is not None:
         ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
         ex = layout_ranks(cfg.world_size, tp, pp, ep=ep, etp=etp)

@@ -89,6 +89,9 @@ def test_masks_match_megatron_reference():
         assert torch.equal(ours["loss_mask"], loss) and torch.equal(ours["position_ids"], pos)
         if flags[1]:
             assert torch.equal(ours["attention_mask"], att)
+            # Training's form: the same documents as boundaries, no s×s mask.
+            cu = masks_and_position_ids(tokens, EOD, *flags, create_attention_mask=False)["cu_seqlens"]
+            assert cu.tolist() == [0, 3, 6, 7, 10] + [12] * 8
         else:
             assert "attention_mask" not in ours
 
@@ -133,7 +136,9 @@ def test_reset_attention_mask_batches(data, tmp_path):
                reset_position_ids=True, eod_mask_loss=True)
     train = build_train_valid_test_datasets(cfg, build_tokenizer(cfg.data), [20, 2, 2])[0]
     b = next(iter(build_data_loader(train, cfg)))
-    assert b["attention_mask"].shape == (2, 1, 16, 16) and b["attention_mask"].dtype == torch.bool
+    assert "attention_mask" not in b  # documents travel as boundaries (cu_seqlens), never an s×s mask
+    assert b["cu_seqlens"].shape == (2, 17) and b["cu_seqlens"].dtype == torch.long
+    assert (b["cu_seqlens"][:, 0] == 0).all() and (b["cu_seqlens"][:, -1] == 16).all()
     eod_at = b["tokens"] == EOD
     assert (b["loss_mask"][eod_at] == 0).all()
 

@@ -123,6 +123,8 @@ def _assert_same(ours, theirs, check_all=True):
             assert torch.equal(a[k], b[k]), (i, k)
         if "attention_mask" in a:
             assert torch.equal(a["attention_mask"], b["attention_mask"]), i
+        if "cu_seqlens" in a:  # our documents as boundaries: the same mask Megatron materialises
+            assert torch.equal(mask_from_cu_seqlens(a["cu_seqlens"]), b["attention_mask"]), i
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +170,16 @@ def test_masks_and_positions_with_reset_flags(tmp_path, corpus):
     theirs = _theirs([40, 4, 4], 48, split="98,1,1", blend=get_blend_from_list([a]), **flags)
     ours = _ours([40, 4, 4], 48, tmp_path, data_path=[a], split="98,1,1", **flags)
     _assert_same(ours[0], theirs[0])
-    assert "attention_mask" in ours[0][0]
+    assert "cu_seqlens" in ours[0][0] and "attention_mask" not in ours[0][0]
+    assert any((o["cu_seqlens"][1:-1] < 48).any() for o in (ours[0][i] for i in range(4)))  # documents split
+
+
+def mask_from_cu_seqlens(cu):
+    """[1, s, s] bool, True = masked: causal and within one document."""
+    s = int(cu[-1])
+    pos = torch.arange(s)
+    doc = torch.bucketize(pos, cu, right=True)
+    return ~((pos[None, :] <= pos[:, None]) & (doc[None, :] == doc[:, None])).unsqueeze(0)
 
 
 def test_weighted_blend_same_order(tmp_path, corpus):
