@@ -70,10 +70,10 @@ def _recomputed_layers(chunk) -> set[int]:
 
 
 def _checkpointed(forward, layer):
-    def checkpointed_forward(x_sbh, inference_cache=None):
+    def checkpointed_forward(x_sbh, inference_cache=None, context=None):
         if inference_cache is None and layer.training and torch.is_grad_enabled():
-            return random.checkpoint(forward, x_sbh)
-        return forward(x_sbh, inference_cache)
+            return random.checkpoint(forward, x_sbh, None, context)
+        return forward(x_sbh, inference_cache, context)
     return checkpointed_forward
 
 

@@ -122,7 +122,7 @@ def test_each_tensor_stored_once_and_zero_shards_by_every_dp_rank(runs):
     for name in SAVED:
         reader = CheckpointReader(ck[name])
         assert reader.iteration == 2 and reader.meta["consumed_samples"] == 16
-        assert reader.meta["layout"] == {"tp": 2, "pp": 2, "dp": 2, "vpp": 2 if name == "zero" else 1,
+        assert reader.meta["layout"] == {"tp": 2, "pp": 2, "dp": 2, "cp": 1, "vpp": 2 if name == "zero" else 1,
                                          "world_size": 8, "distributed_optimizer": name != "plain"}
         assert len(reader.meta["files"]) == 8                                  # every rank's file (RNG)
         for key, entry in reader.index.items():

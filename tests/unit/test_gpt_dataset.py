@@ -133,7 +133,7 @@ def test_loader_with_worker_processes():
 
 def test_reset_attention_mask_batches(data, tmp_path):
     cfg = _cfg(data_path=[data], split="8,1,1", data_cache_path=str(tmp_path), reset_attention_mask=True,
-               reset_position_ids=True, eod_mask_loss=True)
+               reset_position_ids=True, eod_mask_loss=True, attention_dropout=0.0)  # packed: no attn dropout
     train = build_train_valid_test_datasets(cfg, build_tokenizer(cfg.data), [20, 2, 2])[0]
     b = next(iter(build_data_loader(train, cfg)))
     assert "attention_mask" not in b  # documents travel as boundaries (cu_seqlens), never an s×s mask

@@ -107,7 +107,7 @@ def _theirs(sizes, seq, seed=1234, split=None, blend=None, blend_per_split=None,
 
 def _ours(sizes, seq, cache, seed=1234, **kw):
     cfg = config_from_kwargs(seq_length=seq, seed=seed, vocab_size=VOCAB, tokenizer_type="NullTokenizer",
-                             data_cache_path=str(cache), **kw)
+                             data_cache_path=str(cache), attention_dropout=0.0, **kw)
     return build_train_valid_test_datasets(cfg, build_tokenizer(cfg.data), sizes)
 
 
