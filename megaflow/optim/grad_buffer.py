@@ -61,6 +61,22 @@ class Bucket:
         return rank * n, (rank + 1) * n
 
 
+def lay_out_buckets(groups: list, dp_size: int, buffer) -> tuple[list, int]:
+    """Buckets for consecutive parameter groups in one flat buffer, each padded to a multiple of dp_size
+    (so it shards evenly); returns (buckets, total elements). Each bucket knows its buffer."""
+    buckets, start = [], 0
+    for i, group in enumerate(groups):
+        offsets, n = {}, 0
+        for p in group:
+            offsets[p] = (n, n + p.numel())
+            n += p.numel()
+        padded = -(-n // dp_size) * dp_size
+        buckets.append(Bucket(i, group, offsets, start, n, padded))
+        buckets[-1].buffer = buffer
+        start += padded
+    return buckets, start
+
+
 def bucket_params(params: list, bucket_size: int, numel=lambda p: p.numel(),
                   shared_embedding=lambda p: getattr(p, "shared_embedding", False)):
     """Group parameters (already in backward order) into buckets; a shared embedding sits alone.
@@ -100,17 +116,7 @@ class GradBuffer:
             raise ValueError(f"a model chunk mixes parameter dtypes {dtypes}")
         self.param_dtype = params[0].dtype
         device = params[0].device
-        self.buckets, start = [], 0
-        for i, group in enumerate(bucket_params(list(reversed(params)), bucket_size)):
-            offsets, n = {}, 0
-            for p in group:
-                offsets[p] = (n, n + p.numel())
-                n += p.numel()
-            padded = -(-n // dp_size) * dp_size
-            self.buckets.append(Bucket(i, group, offsets, start, n, padded))
-            self.buckets[-1].buffer = self
-            start += padded
-        self.numel = start
+        self.buckets, self.numel = lay_out_buckets(bucket_params(list(reversed(params)), bucket_size), dp_size, self)
         self.param_data = torch.zeros(self.numel, dtype=self.param_dtype, device=device)
         self.grad_data = torch.zeros(self.numel, dtype=torch.float32, device=device)
         self.bucket_of = {}

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, _reduce_scatter,
-                                        bucket_params, sum_replicated_grads)
+from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, _reduce_scatter, bucket_params,
+                                        lay_out_buckets, sum_replicated_grads)
 from megaflow.parallel import state
 
 
@@ -39,21 +39,11 @@ class ShardedBuffer:
         if len(dtypes) != 1:
             raise ValueError(f"a model chunk mixes parameter dtypes {dtypes}")
         self.param_dtype, device = params[0].dtype, params[0].device
-        self.buckets, start = [], 0
-        for i, group in enumerate(groups):
-            offsets, n = {}, 0
-            for p in group:
-                offsets[p] = (n, n + p.numel())
-                n += p.numel()
-            padded = -(-n // dp_size) * dp_size
-            self.buckets.append(Bucket(i, group, offsets, start, n, padded))
-            self.buckets[-1].buffer = self
-            start += padded
-        self.numel = start
-        self.grad_shard = torch.zeros(start // dp_size, dtype=torch.float32, device=device)
+        self.buckets, self.numel = lay_out_buckets(groups, dp_size, self)
+        self.grad_shard = torch.zeros(self.numel // dp_size, dtype=torch.float32, device=device)
         shard_dtype = torch.float32 if shard_params else self.param_dtype
-        self.param_shard = torch.zeros(start // dp_size, dtype=shard_dtype, device=device) if shard_params else None
-        self.param_data = None if shard_params else torch.zeros(start, dtype=self.param_dtype, device=device)
+        self.param_shard = torch.zeros(self.numel // dp_size, dtype=shard_dtype, device=device) if shard_params else None
+        self.param_data = None if shard_params else torch.zeros(self.numel, dtype=self.param_dtype, device=device)
         self.bucket_of = {}
         with torch.no_grad():
             for b in self.buckets:
