@@ -130,9 +130,12 @@ def assert_same_training(ranks, ref, first=1):
     for r in ranks:
         merged.update(r["weights"])
     assert merged.keys() == ref["weights"].keys()
+    # Weights to 1e-5 absolute: AdamW's step g/(√v + ε) amplifies the rounding of a gradient element
+    # near ε. Measured: packed documents, one embedding element whose gradient was 3e-7 before clipping
+    # (the smallest of its row) moved 3e-6 apart after 4 steps at lr 3e-3; every other element < 2e-7.
     for r in ranks:
         for n, w in r["weights"].items():
-            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6, msg=f"rank {r['rank']} {n}")
+            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-5, msg=f"rank {r['rank']} {n}")
 
 
 @pytest.mark.parametrize("packed", [False, True])
