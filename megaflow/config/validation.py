@@ -102,9 +102,6 @@ def validate(cfg: Config) -> None:
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
     validate_moe(cfg, need)
-    need(not cfg.moe.num_experts or not p.use_distributed_optimizer or p.zero_stage == 1,
-         f"--num-experts with --zero-stage {p.zero_stage}: MoE experts are sharded over expert-data-parallel "
-         "ranks by ZeRO stage 1 only so far; use --zero-stage 1")
     need(not p.sequence_parallel or d.seq_length % tp == 0,
          f"--sequence-parallel needs --seq-length ({d.seq_length}) divisible by "
          f"--tensor-model-parallel-size ({tp})")
@@ -229,9 +226,6 @@ def _validate_context_parallel(cfg: Config, need) -> None:
         need(not p.sequence_parallel or (d.seq_length // cp) % tp == 0,
              f"--sequence-parallel with --context-parallel-size {cp} needs --seq-length / CP "
              f"({d.seq_length // cp}) divisible by --tensor-model-parallel-size ({tp})")
-        need(not p.use_distributed_optimizer or p.zero_stage == 1,
-             f"--context-parallel-size {cp} with --zero-stage {p.zero_stage}: stages 2-3 shard over data "
-             "parallelism only so far; use --zero-stage 1 (it shards over DP×CP)")
         need(not cfg.moe.num_experts, "--context-parallel-size > 1 with --num-experts is not supported yet")
         if p.cp_comm_type == "a2a":
             need((m.num_attention_heads // tp) % cp == 0,

@@ -12,6 +12,9 @@ several micro-batches (DeepSpeed's trade of communication for memory).
                  param_data  [bucket 0 | bucket 1 | ...]               model dtype, full (stage 2)
     per bucket:  grad_full   [padded]                                 fp32, only while it fills / flies
 
+"DP" is DP×CP here, as in stage 1: context-parallel ranks hold the same weights. MoE experts (flagged
+`expert_parallel`) get a buffer of their own per chunk, sharded over expert-DP (the ranks holding the
+same experts), with the same 1/DP scale: their gradients already hold every EP rank's tokens.
 The bucket layout and shard arithmetic are stage 1's (grad_buffer.Bucket, bucket_params): a rank owns
 elements shard(dp_rank) of every bucket, so the optimizer's pieces, the checkpoint format and the
 parameter all-gather after the step are the same. Stage 3 (optim/zero3.py) also shards parameters.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, _reduce_scatter, bucket_params,
-                                        lay_out_buckets, sum_replicated_grads)
+                                        is_expert, lay_out_buckets, sum_replicated_grads)
 from megaflow.parallel import state
 
 
@@ -31,8 +34,9 @@ class ShardedBuffer:
     """One chunk's buckets with only this rank's shard of their fp32 gradients. Parameters: a full
     buffer in the model dtype (stage 2), or only a shard in fp32 (stage 3, `shard_params`)."""
 
-    def __init__(self, groups: list, dp_size: int, dp_rank: int, shard_params: bool = False, group=None):
+    def __init__(self, chunk, groups: list, dp_size: int, dp_rank: int, shard_params: bool = False, group=None):
         params = [p for g in groups for p in g]
+        self.chunk = chunk  # (stage 2's --overlap-param-gather hooks its modules, as stage 1's)
         # The group the buckets are sharded over, as GradBuffer has it (GradSync reads it per bucket).
         self.group, self.dp_size, self.dp_rank = group, dp_size, dp_rank
         dtypes = {p.dtype for p in params}
@@ -83,8 +87,9 @@ class ShardedGradSync(GradSync):
         """groups_of(chunk): the chunk's parameter groups, one per bucket, in backward order (default:
         stage 1's bucket_params by --ddp-bucket-size)."""
         st = state.get()
-        self.dp_size, self.dp_rank = st.dp_size, st.dp_rank
-        self.group = st.groups.get("dp")
+        # Sharded over DP×CP as stage 1 (grad_buffer.GradSync): CP ranks hold the same weights.
+        self.dp_size, self.dp_rank = st.dp_size * st.cp_size, st.cp_rank + st.cp_size * st.dp_rank
+        self.group = st.groups.get("dp_cp")
         self.overlap, self.reduce_scatter = True, True  # always from the hooks, always a reduce-scatter
         bucket_size = bucket_size or DEFAULT_BUCKET_SIZE
         if groups_of is None:
@@ -92,8 +97,19 @@ class ShardedGradSync(GradSync):
                 params = [p for p in chunk.parameters() if p.requires_grad]
                 if not params:
                     raise ValueError("a model chunk without trainable parameters")
-                return bucket_params(list(reversed(params)), bucket_size)
-        self.buffers = [ShardedBuffer(groups_of(c), self.dp_size, self.dp_rank, shard_params, self.group) for c in chunks]
+                dense, expert = [p for p in params if not is_expert(p)], [p for p in params if is_expert(p)]
+                return bucket_params(dense[::-1], bucket_size) + bucket_params(expert[::-1], bucket_size)
+        # MoE experts: a buffer of their own per chunk, sharded over expert-DP (as stage 1's).
+        self.buffers = []
+        for c in chunks:
+            groups = groups_of(c)
+            dense = [g for g in ([p for p in g if not is_expert(p)] for g in groups) if g]
+            expert = [g for g in ([p for p in g if is_expert(p)] for g in groups) if g]
+            if dense:
+                self.buffers.append(ShardedBuffer(c, dense, self.dp_size, self.dp_rank, shard_params, self.group))
+            if expert:
+                self.buffers.append(ShardedBuffer(c, expert, st.edp_size, st.edp_rank, shard_params,
+                                                  st.groups.get("edp")))
         self.num_microbatches = 1
         self.launched_in_backward = 0
         self.gathers_waited_in_forward = 0
@@ -147,11 +163,11 @@ class ShardedGradSync(GradSync):
     def _launch(self, b: Bucket) -> None:
         b.pending, b.microbatches = len(b.params), b.microbatches + 1
         full, b.grad_full = b.grad_full, None
-        if self.dp_size == 1:
+        if b.buffer.dp_size == 1:
             b.grad_shard.add_(full)
             return
         received = torch.empty_like(b.grad_shard)
-        handle = _reduce_scatter(received, full, group=self.group, async_op=True)
+        handle = _reduce_scatter(received, full, group=b.buffer.group, async_op=True)
         self._in_flight.append((b, handle, received, full))
         self._drain(self.max_in_flight)
 
@@ -176,12 +192,12 @@ class ShardedGradSync(GradSync):
 
     # -- what the optimizer sees ---------------------------------------------------------------
     def owned_range(self, b: Bucket, sharded: bool) -> tuple[int, int]:
-        return b.shard(self.dp_rank, self.dp_size)
+        return b.shard(b.buffer.dp_rank, b.buffer.dp_size)
 
     def piece_views(self, p, b: Bucket, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(parameter values, gradient) of p's flat elements [lo, hi), which this rank owns: views into
         the kept shards (and, at stage 2, into the full parameter)."""
-        s_lo = b.shard(self.dp_rank, self.dp_size)[0]
+        s_lo = self.owned_range(b, True)[0]
         i = b.offsets[p][0] + lo - s_lo
         grad = b.grad_shard[i:i + hi - lo]
         model = b.param_shard[i:i + hi - lo] if getattr(b, "param_shard", None) is not None \

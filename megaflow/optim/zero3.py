@@ -19,7 +19,7 @@ forward if that comes first, as in 1F1B); layers come and go: at most the chunk
 unit and two layers (the current one and the prefetched one) are gathered at a time, k + 1 layers
 under full recompute of k-layer blocks (a recomputed block runs its layers' forwards together).
 
-Gathering: each bucket's fp32 shard is cast to the model dtype and all-gathered into a flat buffer
+Gathering: over DP×CP, or over expert-DP for MoE experts (optim/sharded_grads.py); each bucket's fp32 shard is cast to the model dtype and all-gathered into a flat buffer
 whose storage is resized to full size for the gather and to zero to free it; the parameters are
 views into it, so autograd's saved references see whatever the storage holds when backward runs.
 Prefetches are async collectives (gloo handles on CPU; on CUDA issued from a side stream, the NCCL
@@ -86,11 +86,12 @@ class Zero3Sync(ShardedGradSync):
         plans = iter(self.units_of_chunk)
         super().__init__(chunks, bucket_size, shard_params=True,
                          groups_of=lambda _c: [g for u in next(plans) for g in u.groups])
+        # A unit's buckets: one per group, or two when an MoE layer's experts sit in the expert buffer.
+        bucket_of = {p: b for buf in self.buffers for p, b in buf.bucket_of.items()}
         self.units, self.unit_of = [], {}
-        for buf, units in zip(self.buffers, self.units_of_chunk):
-            buckets = iter(buf.buckets)
+        for units in self.units_of_chunk:
             for u in units:
-                u.buckets = [next(buckets) for _ in u.groups]
+                u.buckets = list(dict.fromkeys(bucket_of[p] for g in u.groups for p in g))
                 u.pending = len(u.buckets)
                 for b in u.buckets:
                     self.unit_of[b] = u
@@ -186,10 +187,10 @@ class Zero3Sync(ShardedGradSync):
         with self.side.enter():
             for b in u.buckets:
                 send = b.param_shard.to(b.param_data.dtype)  # fp32 main shard -> model dtype
-                if self.dp_size == 1:
+                if b.buffer.dp_size == 1:
                     b.param_data.copy_(send)
                     continue
-                handle = _all_gather(b.param_data, send, group=self.group, async_op=True)
+                handle = _all_gather(b.param_data, send, group=b.buffer.group, async_op=True)
                 u.handles.append((handle, send))
         u.state = GATHERING
         if not self.summoned:

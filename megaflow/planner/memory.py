@@ -37,9 +37,10 @@ def buckets(params: list[Param], bucket_size: int, dp: int) -> list[tuple[list[t
     return out
 
 
-def _zero3_buckets(params: list[Param], dp: int) -> tuple[list, list[int]]:
+def _zero3_buckets(params: list[Param], dp: int, edp: int) -> tuple[list, list[int]]:
     """Stage 3's buckets (zero3.Zero3Sync._plan_units: each layer, then the rest of the chunk, the
-    tied embedding alone), and the elements of each unit."""
+    tied embedding alone; an MoE layer's experts in a bucket of the expert buffer, padded to expert-DP)
+    as (members, padded, shards), and the elements of the units gathered at most at once."""
     layers, rest = {}, []
     for q in params:
         if q.name.startswith("layers."):
@@ -47,13 +48,15 @@ def _zero3_buckets(params: list[Param], dp: int) -> tuple[list, list[int]]:
         else:
             rest.append(q)
     units = [layers[i] for i in sorted(layers, reverse=True)] + ([rest] if rest else [])
-    out, sizes = [], []
+    dense, expert, sizes = [], [], []
     for unit in units:
-        unit_buckets = buckets(unit, 1 << 62, dp)
-        out += unit_buckets
-        sizes.append(sum(padded for _m, padded in unit_buckets))
+        d = buckets([q for q in unit if not q.expert], 1 << 62, dp)
+        e = buckets([q for q in unit if q.expert], 1 << 62, edp)
+        dense += [(m, padded, dp) for m, padded in d]
+        expert += [(m, padded, edp) for m, padded in e]
+        sizes.append(sum(padded for _m, padded in d + e))
     n = len(layers)
-    return out, sorted(sizes[:n], reverse=True)[:2] + sizes[n:]
+    return dense + expert, sorted(sizes[:n], reverse=True)[:2] + sizes[n:]
 
 
 def _param_bytes(cfg: Config) -> int:
@@ -79,27 +82,27 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0, edp_rank:
     size = getattr(p, "ddp_bucket_size", None) or DEFAULT_BUCKET_SIZE
     pbytes = _param_bytes(cfg)
     stage = getattr(p, "zero_stage", 1) if sharded else 0
-    buffer = owned = pieces = nparams = gathered = 0
+    buffer = held = owned = pieces = nparams = gathered = 0
+    e_rank = dp_rank % edp if edp_rank is None else edp_rank
     for chunk in rank_parameters(cfg, pp_rank):
         chunk = [q for q in chunk if q.trainable]
         nparams += sum(q.numel for q in chunk)
-        if stage == 3:  # (validation keeps MoE experts out of ZeRO-3)
-            chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp)
+        if stage == 3:
+            chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp, edp)
             gathered = max(gathered, sum(unit_sizes) * pbytes)
-            groups = [(chunk_buckets, dp, dp_rank)]
         else:
-            e_rank = dp_rank % edp if edp_rank is None else edp_rank
-            groups = [(buckets([q for q in chunk if not q.expert], size, dp), dp, dp_rank),
-                      (buckets([q for q in chunk if q.expert], size, edp), edp, e_rank)]
-        for chunk_buckets, n, rank in groups:
-            for members, padded in chunk_buckets:
-                buffer += padded
-                lo, hi = (rank * padded // n, (rank + 1) * padded // n) if sharded else (0, padded)
-                for _param, start, end in members:
-                    overlap = min(end, hi) - max(start, lo)
-                    if overlap > 0:
-                        owned += overlap
-                        pieces += 1
+            chunk_buckets = [(m, padded, dp) for m, padded in buckets([q for q in chunk if not q.expert], size, dp)] \
+                + [(m, padded, edp) for m, padded in buckets([q for q in chunk if q.expert], size, edp)]
+        for members, padded, n in chunk_buckets:
+            rank = e_rank if members[0][0].expert else dp_rank
+            buffer += padded
+            held += padded // n
+            lo, hi = (rank * padded // n, (rank + 1) * padded // n) if sharded else (0, padded)
+            for _param, start, end in members:
+                overlap = min(end, hi) - max(start, lo)
+                if overlap > 0:
+                    owned += overlap
+                    pieces += 1
     main = owned * 4 if pbytes != 4 and stage != 3 else 0  # stage 3's fp32 shard is the main copy
     if t.optimizer == "adam":
         state = owned * 8 + pieces * 4
@@ -107,7 +110,7 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0, edp_rank:
         state = owned * 4
     else:
         state = 0
-    params_held = buffer // dp * 4 if stage == 3 else buffer * pbytes
-    return {"parameters": params_held, "gradients": buffer // dp * 4 if stage >= 2 else buffer * 4,
+    params_held = held * 4 if stage == 3 else buffer * pbytes
+    return {"parameters": params_held, "gradients": held * 4 if stage >= 2 else buffer * 4,
             "optimizer": main + state, "main_params": main, "optimizer_state": state, "num_parameters": nparams,
             "owned_elements": owned, "gathered": gathered, "full_parameters": buffer * pbytes}

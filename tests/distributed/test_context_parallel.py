@@ -1,7 +1,8 @@
 """Context parallelism trains exactly like one process (fp32, same weights and data order): losses,
 every step's gradient norm, validation losses and final weights, for CP = 2 and CP = 4, each
 --cp-comm-type, on plain sequences and on packed documents (--reset-attention-mask
---reset-position-ids --eod-mask-loss, documents crossing the zigzag chunks), in one 4-process launch;
+--reset-position-ids --eod-mask-loss, documents crossing the zigzag chunks), and ZeRO-2/3 sharded over
+CP2×DP2, in one 4-process launch;
 and composed with TP2 + sequence parallelism and with PP2 × DP2 + ZeRO on 8 processes. Checkpoints
 change CP on resume (CP4 → CP1, CP1 → CP8): the continued runs equal the uninterrupted one and
 restore the data position and the random streams."""
@@ -53,6 +54,11 @@ def cp_configs(tmp, sizes):
 
 ZERO = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "4000"]
 NOT_RESTORED = "RNG state not restored"
+ZERO_STAGES = {
+    "cp2_dp2_zero2": lambda tmp: BASE + ["--context-parallel-size", "2"] + ZERO + ["--zero-stage", "2"],
+    "cp2_dp2_zero3_packed": lambda tmp: packed_args(tmp) + ["--context-parallel-size", "2"] + ZERO
+    + ["--zero-stage", "3"],
+}
 
 
 def saving(ckpt):
@@ -91,6 +97,9 @@ def cp_results(tmp):
     """The 4-process launch: the CP grid, and a run that saves at CP4 (DP1) after 2 iterations."""
     configs = cp_configs(tmp, (2, 4))
     configs["save_cp4"] = BASE + ["--context-parallel-size", "4"] + saving(tmp / "ck_cp4")
+    # ZeRO-2 and -3 shard over DP×CP (CP2 × DP2 here), as stage 1 does.
+    for name, args in ZERO_STAGES.items():
+        configs[name] = args(tmp)
     out, _ = launch(tmp, "four", 4, configs)
     return out
 
@@ -144,6 +153,13 @@ def assert_same_training(ranks, ref, first=1):
 def test_context_parallel_equals_single_process(cp_results, refs, cp, comm, packed):
     name = f"cp{cp}_{comm}" + ("_packed" if packed else "")
     assert_same_training(cp_results[name], refs["packed" if packed else "plain"])
+
+
+@pytest.mark.parametrize("name", list(ZERO_STAGES))
+def test_zero_stages_shard_over_dp_and_cp(cp_results, refs, name):
+    assert_same_training(cp_results[name], refs["packed" if name.endswith("packed") else "plain"])
+    for r in cp_results[name]:
+        assert r["memory"]["gradients"] < r["memory"]["num_parameters"] * 4 / 3   # shards of 4 (DP×CP)
 
 
 @pytest.mark.parametrize("name,ref", [("tp2_cp2_sp_a2a", "plain"), ("cp2_pp2_dp2_zero_packed", "packed")])

@@ -3,13 +3,16 @@ process with the same weights and data — losses, every step's gradient norm, f
 EP=2 and EP=4, TP2×EP2 with sequence parallelism (experts whole, ETP=1, or split like the MLP,
 ETP=2), PP2×EP2×DP with ZeRO, and a second model (sigmoid router with expert bias and group-limited
 routing, sequence aux loss, a gated shared expert, a leading dense layer, capacity with padding,
-grouped GEMM, the all-gather dispatcher) at EP4 and at TP2×PP2×EP2 with ZeRO. A checkpoint saved at
-EP=2 with ZeRO continues at EP=4, at TP2×PP2×EP2 and in one process, equal to the uninterrupted run.
+grouped GEMM, the all-gather dispatcher) at EP4 and at TP2×PP2×EP2 with ZeRO; ZeRO stages 2 and 3
+shard the experts over expert-DP (EP2 at stage 2, PP2×EP2 and TP2×PP2×EP2 at stage 3). A checkpoint
+saved at EP=2 with ZeRO-3 continues at EP=4 (no ZeRO), at TP2×PP2×EP2 (ZeRO-1) and in one process,
+equal to the uninterrupted run.
 
 One 8-process torchrun launch (every configuration in turn) plus the single-process runs here."""
 import contextlib
 import io
 import json
+import math
 import os
 
 import pytest
@@ -38,6 +41,7 @@ EP = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
 ZERO = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "4000"]
+Z = lambda stage: ZERO + ["--zero-stage", str(stage)]  # noqa: E731  (experts sharded over expert-DP)
 
 PARITY = {
     "ep2": MOE_A + EP(2),
@@ -47,6 +51,9 @@ PARITY = {
     "pp2_ep2_zero": MOE_A + PP2 + EP(2) + ZERO,
     "b_ep4": MOE_B + EP(4),
     "b_tp2_pp2_ep2_zero": MOE_B + TP2_SP + PP2 + EP(2) + ZERO,
+    "ep2_zero2": MOE_A + EP(2) + Z(2),
+    "pp2_ep2_zero3": MOE_A + PP2 + EP(2) + Z(3),
+    "b_tp2_pp2_ep2_zero3": MOE_B + TP2_SP + PP2 + EP(2) + Z(3),
 }
 RESUMED = ["resume_ep4", "resume_tp2_pp2_ep2", "resume_ep1"]
 
@@ -66,7 +73,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe_layouts")
     ck = str(tmp / "ckpt_ep2")
     configs = dict(PARITY)
-    configs["save_ep2"] = MOE_A + EP(2) + ZERO + ["--save", ck, "--save-interval", "100", "--exit-interval", "2"]
+    configs["save_ep2"] = MOE_A + EP(2) + Z(3) + ["--save", ck, "--save-interval", "100", "--exit-interval", "2"]
     configs["resume_ep4"] = MOE_A + EP(4) + ["--load", ck]
     configs["resume_tp2_pp2_ep2"] = MOE_A + TP2_SP + PP2 + EP(2) + ZERO + ["--load", ck]
     (tmp / "configs.json").write_text(json.dumps(configs))
@@ -133,8 +140,13 @@ def test_checkpoint_holds_each_expert_once(runs):
     for key, entry in reader.index.items():
         files = [p["file"] for p in entry["pieces"]]
         assert len(files) == len(set(files)), key
-        if key.startswith("model/") and ".experts." in key:
-            assert len(files) == 1                                   # one EP rank held it (expert-DP 0)
+        # ZeRO-3: each expert-DP rank wrote its shard of the weights; together they tile each tensor once
+        ranges = sorted(tuple(p["range"]) for p in entry["pieces"] if p["tp_rank"] == 0)
+        assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), key
+        assert ranges[-1][1] == math.prod(entry["pieces"][0]["local_shape"]), key
+    expert_weight_files = {p["file"] for k, e in reader.index.items() if k.startswith("model/")
+                           and ".experts." in k for p in e["pieces"]}
+    assert len(expert_weight_files) > 2  # written from the expert-DP shards, not by the 2 EP ranks only
     expert_optim_files = {p["file"] for k, e in reader.index.items() if k.startswith("optim.exp_avg/")
                           and ".experts." in k for p in e["pieces"]}
     assert len(expert_optim_files) > 2   # ZeRO shards experts' state over expert-DP, not just EP ranks
@@ -147,7 +159,7 @@ def test_planner_memory_equals_every_rank_with_experts(runs):
     from megaflow.parallel.state import coordinates, dense_dims, expert_dims
     from megaflow.planner.memory import model_state_bytes
     out = runs[0]
-    for name in ("pp2_ep2_zero", "b_tp2_pp2_ep2_zero"):
+    for name in ("pp2_ep2_zero", "b_tp2_pp2_ep2_zero", "ep2_zero2", "pp2_ep2_zero3", "b_tp2_pp2_ep2_zero3"):
         cfg = parse_args([str(a) for a in PARITY[name]], world_size=8)
         set_vocab_size(cfg, cfg.data.vocab_size + 1)  # NullTokenizer: the vocabulary + EOD
         p = cfg.parallel
