@@ -34,6 +34,11 @@ class ParallelConfig:
         None, "Megatron's name for the same setting: no_shard, optim (ZeRO-1), optim_grads (ZeRO-2), "
               "optim_grads_params (ZeRO-3); implies --use-distributed-optimizer unless no_shard",
         choices=["no_shard", "optim", "optim_grads", "optim_grads_params"])
+    reshard_after_forward: bool = _f(True, "ZeRO-3: free a layer's gathered parameters after its forward and "
+                                           "gather them again for its backward; --no-reshard-after-forward "
+                                           "keeps them from forward to backward (one gather fewer per layer "
+                                           "and micro-batch; under PP the stage's layers stay whole through "
+                                           "the warm-up)", flag="--no-reshard-after-forward", action="store_false")
     ddp_bucket_size: Optional[int] = _f(None, "elements per gradient-reduction bucket (default 40M)")
     distributed_backend: Optional[str] = _f(None, "default: nccl with CUDA, else gloo", choices=["nccl", "gloo"])
     distributed_timeout_minutes: float = _f(10.0, "collective timeout")

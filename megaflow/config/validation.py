@@ -68,6 +68,8 @@ def validate(cfg: Config) -> None:
     _resolve_sharding_strategy(p, need)
     need(p.zero_stage == 1 or p.use_distributed_optimizer,
          f"--zero-stage {p.zero_stage} needs --use-distributed-optimizer")
+    need(p.reshard_after_forward or (p.use_distributed_optimizer and p.zero_stage == 3),
+         "--no-reshard-after-forward keeps ZeRO-3's gathered parameters: it needs --zero-stage 3")
     need(not cfg.performance.gradient_accumulation_fusion or not p.use_distributed_optimizer or p.zero_stage == 1,
          f"--gradient-accumulation-fusion adds into the full fp32 gradient buffer, which --zero-stage "
          f"{p.zero_stage} does not keep: drop one of them")

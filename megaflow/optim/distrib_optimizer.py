@@ -60,13 +60,14 @@ class MegaflowOptimizer:
 
     def __init__(self, chunks: list, make_optimizer, weight_decay_of, *, sharded: bool = False,
                  zero_stage: int = 1, bucket_size: int | None = None, overlap_grad_reduce: bool = False,
-                 overlap_param_gather: bool = False, owned_pieces=None, whole_grads: bool = False):
+                 overlap_param_gather: bool = False, owned_pieces=None, whole_grads: bool = False,
+                 reshard_after_forward: bool = True):
         self.chunks = chunks
         self.sharded = sharded
         self.zero_stage = zero_stage if sharded else 0
         self.overlap_param_gather = overlap_param_gather and sharded
         if self.zero_stage == 3:
-            self.sync = Zero3Sync(chunks, bucket_size)
+            self.sync = Zero3Sync(chunks, bucket_size, reshard_after_forward=reshard_after_forward)
         elif self.zero_stage == 2:
             self.sync = ShardedGradSync(chunks, bucket_size)
         else:

@@ -40,7 +40,8 @@ def build_optimizer(cfg, model) -> MegaflowOptimizer:
         optimizer = MegaflowOptimizer(chunks, torch_optimizer_factory(cfg), decay.__getitem__,
                                       sharded=p.use_distributed_optimizer, zero_stage=p.zero_stage,
                                       bucket_size=p.ddp_bucket_size, overlap_grad_reduce=p.overlap_grad_reduce,
-                                      overlap_param_gather=p.overlap_param_gather)
+                                      overlap_param_gather=p.overlap_param_gather,
+                                      reshard_after_forward=p.reshard_after_forward)
     if cfg.performance.gradient_accumulation_fusion:
         optimizer.sync.enable_gradient_accumulation_fusion()
     return optimizer

@@ -32,7 +32,8 @@ Pipeline parallelism: gather and free around every micro-batch's forward and bac
 (each 1F1B step is a module call like any other), so the memory bound is the same. Keeping layers
 gathered from a micro-batch's forward to its backward (torchtitan's choice under PP) would hold every
 layer of the stage through the 1F1B warm-up, i.e. the whole stage's parameters; it saves one gather
-per layer and micro-batch, which the prefetch mostly hides.
+per layer and micro-batch, which the prefetch mostly hides: --no-reshard-after-forward makes that choice
+(FSDP2's reshard_after_forward=False), the bound being then the whole chunk.
 The bucket layout is stage 1's arithmetic (grad_buffer.Bucket): one bucket per unit (the tied
 embedding in one of its own, so both pipeline stages shard it alike), each padded to a multiple of DP.
 """
@@ -80,8 +81,9 @@ class Zero3Sync(ShardedGradSync):
     """Stage 3 over the chunks of a model: ShardedGradSync's per-micro-batch gradient reduction plus
     parameter shards gathered by module hooks."""
 
-    def __init__(self, chunks: list, bucket_size: int | None = None, prefetch: bool = True):
-        self.prefetch = prefetch
+    def __init__(self, chunks: list, bucket_size: int | None = None, prefetch: bool = True,
+                 reshard_after_forward: bool = True):
+        self.prefetch, self.reshard_after_forward = prefetch, reshard_after_forward
         self.units_of_chunk = [self._plan_units(c) for c in chunks]
         plans = iter(self.units_of_chunk)
         super().__init__(chunks, bucket_size, shard_params=True,
@@ -158,9 +160,10 @@ class Zero3Sync(ShardedGradSync):
                     t.register_hook(lambda _g, u=u: self._pre_backward(u))
                     hooked = True
                     break
-        if not (hooked and u.name == "chunk"):
+        if not hooked or (u.name != "chunk" and self.reshard_after_forward):
             # The chunk's own unit stays until its backward (as FSDP2 keeps its root): the output
             # layer's backward is the first thing backward needs, and the unit is in the bound anyway.
+            # --no-reshard-after-forward keeps every unit so (freed after its backward).
             self._free(u)
 
     def _pre_backward(self, u: Unit) -> None:

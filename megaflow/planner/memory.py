@@ -14,7 +14,7 @@ plus bucket padding (< d elements per bucket) and the step scalars. --zero-stage
 shard of the gradients (4Φ/d, optim/sharded_grads.py); --zero-stage 3 also only an fp32 shard of the
 parameters (4Φ/d: 16Φ/d in all), its buckets one per layer plus one for the rest of each chunk
 (optim/zero3.py), and `gathered` is what its hooks hold at most inside a step: the chunk's own unit
-and the two largest layers, whole, in the model dtype.
+and the two largest layers, whole, in the model dtype (every layer with --no-reshard-after-forward).
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ def buckets(params: list[Param], bucket_size: int, dp: int) -> list[tuple[list[t
     return out
 
 
-def _zero3_buckets(params: list[Param], dp: int, edp: int) -> tuple[list, list[int]]:
+def _zero3_buckets(params: list[Param], dp: int, edp: int, keep_gathered: bool = False) -> tuple[list, list[int]]:
     """Stage 3's buckets (zero3.Zero3Sync._plan_units: each layer, then the rest of the chunk, the
     tied embedding alone; an MoE layer's experts in a bucket of the expert buffer, padded to expert-DP)
-    as (members, padded, shards), and the elements of the units gathered at most at once."""
+    as (members, padded, shards), and the elements of the units gathered at most at once (every unit
+    with --no-reshard-after-forward)."""
     layers, rest = {}, []
     for q in params:
         if q.name.startswith("layers."):
@@ -56,7 +57,7 @@ def _zero3_buckets(params: list[Param], dp: int, edp: int) -> tuple[list, list[i
         expert += [(m, padded, edp) for m, padded in e]
         sizes.append(sum(padded for _m, padded in d + e))
     n = len(layers)
-    return dense + expert, sorted(sizes[:n], reverse=True)[:2] + sizes[n:]
+    return dense + expert, sizes if keep_gathered else sorted(sizes[:n], reverse=True)[:2] + sizes[n:]
 
 
 def _param_bytes(cfg: Config) -> int:
@@ -88,8 +89,10 @@ def model_state_bytes(cfg: Config, pp_rank: int = 0, dp_rank: int = 0, edp_rank:
         chunk = [q for q in chunk if q.trainable]
         nparams += sum(q.numel for q in chunk)
         if stage == 3:
-            chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp, edp)
-            gathered = max(gathered, sum(unit_sizes) * pbytes)
+            keep = not getattr(p, "reshard_after_forward", True)
+            chunk_buckets, unit_sizes = _zero3_buckets(chunk, dp, edp, keep)
+            # kept whole from forward to backward, every chunk of an interleaved stage is whole at once
+            gathered = gathered + sum(unit_sizes) * pbytes if keep else max(gathered, sum(unit_sizes) * pbytes)
         else:
             chunk_buckets = [(m, padded, dp) for m, padded in buckets([q for q in chunk if not q.expert], size, dp)] \
                 + [(m, padded, edp) for m, padded in buckets([q for q in chunk if q.expert], size, edp)]

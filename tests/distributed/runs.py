@@ -73,6 +73,10 @@ def run(args, extra=None) -> dict:
             "memory": opt.memory_bytes(), "measured_state": opt.measured_state_bytes(),
             "launched_in_backward": opt.sync.launched_in_backward,
             "gathers_waited_in_forward": opt.sync.gathers_waited_in_forward,
+            "gathers": getattr(opt.sync, "gathers", None),                  # ZeRO-3's all-gathers
+            "peak_gathered": getattr(opt.sync, "peak_gathered_bytes", None),
+            "full_parameter_bytes": sum(p.numel() * p.element_size() for c in model_chunks(trainer.model)
+                                        for p in c.parameters()),
             "valid_losses": result.valid_losses,
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
             "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],

@@ -28,6 +28,7 @@ CONFIGS = {
     "zero1_interleaved": LLAMA + GRID + ZERO + ["--zero-stage", "1"] + INTERLEAVED,
     "zero3_sp": LLAMA + GRID + ZERO3 + SP,
     "zero3_sp_interleaved": LLAMA + GRID + ZERO3 + SP + INTERLEAVED,
+    "zero3_sp_keep_gathered": LLAMA + GRID + ZERO3 + SP + ["--no-reshard-after-forward"],
     "gpt2_zero1_sp": GPT2 + GRID + ZERO + SP,
     "gpt2_zero3_sp_recompute": GPT2 + GRID + ZERO3 + SP + RECOMPUTE,
 }
@@ -69,7 +70,8 @@ def test_tp2_pp2_dp2_equals_single_process(results, name):
 
 def test_zero_shards_optimizer_state_on_every_rank_of_the_grid(results):
     out, _ = results
-    for name in ("zero1_sp", "zero3_sp", "zero3_sp_interleaved", "gpt2_zero1_sp", "gpt2_zero3_sp_recompute"):
+    for name in ("zero1_sp", "zero3_sp", "zero3_sp_interleaved", "zero3_sp_keep_gathered", "gpt2_zero1_sp",
+                 "gpt2_zero3_sp_recompute"):
         for r in out[name]:
             mem, phi = r["memory"], r["memory"]["num_parameters"]
             assert r["dp_size"] == 2 and mem["main_params"] == 0    # fp32 model: Adam's m and v only
@@ -79,3 +81,20 @@ def test_zero_shards_optimizer_state_on_every_rank_of_the_grid(results):
                 assert mem["parameters"] == mem["gradients"] <= 4 * phi / 2 * 1.02 + 4 * max(r["bucket_padding"])
     for r in out["plain"]:
         assert r["memory"]["optimizer"] >= 8 * r["memory"]["num_parameters"]
+
+
+def test_keeping_gathered_parameters_saves_gathers_and_holds_the_stage(results):
+    """--no-reshard-after-forward: under 1F1B every layer stays whole from its forward to its backward,
+    so each micro-batch's backward finds it gathered (fewer all-gathers), and at the peak the whole
+    stage's parameters are gathered at once, as the planner says."""
+    from megaflow.config import parse_args, set_vocab_size
+    from megaflow.planner.memory import model_state_bytes
+    out, _ = results
+    cfg = parse_args([str(a) for a in CONFIGS["zero3_sp_keep_gathered"]], world_size=8)
+    set_vocab_size(cfg, cfg.data.vocab_size + 1)                   # NullTokenizer: the vocabulary + EOD
+    for kept, freed in zip(out["zero3_sp_keep_gathered"], out["zero3_sp"]):
+        assert kept["gathers"] < freed["gathers"]
+        # (2 layers a stage here: the default bound, the chunk + 2 layers, is the whole stage too)
+        assert freed["peak_gathered"] <= kept["peak_gathered"] == kept["full_parameter_bytes"]
+        pp_rank = kept["rank"] // 4                                # rank order tp-cp-dp-pp
+        assert model_state_bytes(cfg, pp_rank)["gathered"] == kept["peak_gathered"]

@@ -91,6 +91,7 @@ def test_megatron_sharding_strategy_is_the_zero_stage(strategy, sharded, stage):
     (["--zero-stage", "3"], "--use-distributed-optimizer"),
     (["--data-parallel-sharding-strategy", "optim_grads", "--zero-stage", "3"], "--data-parallel-sharding-strategy"),
     (["--data-parallel-sharding-strategy", "no_shard", "--use-distributed-optimizer"], "no_shard"),
+    (["--use-distributed-optimizer", "--zero-stage", "2", "--no-reshard-after-forward"], "--no-reshard-after-forward"),
 ])
 def test_contradictory_zero_flags_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
