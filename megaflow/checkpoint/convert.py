@@ -71,6 +71,7 @@ def training_flags(cfg: Config) -> list[str]:
         flags += ["--group-query-attention", "--num-query-groups", m.num_query_groups]
     if m.swiglu:
         flags += ["--swiglu"]
+    flags += [f for f, on in (("--add-qkv-bias", m.add_qkv_bias), ("--qk-layernorm", m.qk_layernorm)) if on]
     if preset == "gpt2" and m.untie_embeddings_and_output_weights:
         flags += ["--untie-embeddings-and-output-weights"]
     if preset == "gpt2" and not m.add_bias_linear:
@@ -79,6 +80,8 @@ def training_flags(cfg: Config) -> list[str]:
         e = cfg.moe
         flags += ["--num-experts", e.num_experts, "--moe-ffn-hidden-size", e.moe_ffn_hidden_size,
                   "--moe-router-topk", e.moe_router_topk, "--moe-layer-freq", e.moe_layer_freq]
+        if e.moe_router_pre_softmax:
+            flags += ["--moe-router-pre-softmax"]
     if d.tokenizer_type == "NullTokenizer":
         flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", d.vocab_size]
     else:

@@ -4,6 +4,7 @@ Works on *full* state dicts keyed by megaflow's global names (checkpoint/full_st
 state dicts as safetensors holds them; no parallel state, no files.
 
     Llama style -> LlamaForCausalLM          GPT-2 style -> GPT2LMHeadModel
+    (Mixtral: hf_moe.py; Qwen2, Qwen3, Qwen3-MoE: hf_qwen.py; same table plus their layers)
     word_embeddings      model.embed_tokens      transformer.wte
     position_embeddings  -                       transformer.wpe
     layers.i.input_norm  .input_layernorm        .ln_1
@@ -22,12 +23,15 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.checkpoint import hf_moe
+from megaflow.checkpoint import hf_moe, hf_qwen
 from megaflow.checkpoint.full_state import pad_rows
 from megaflow.config import Config, config_from_kwargs, set_vocab_size
 from megaflow.errors import UserError
+from megaflow.model.spec import is_moe_layer
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
+# Llama-shaped: their weights map by one table (Qwen adds QK-norm and Q/K/V biases, MoE its experts).
+LLAMA_FAMILY = (LLAMA, hf_moe.MIXTRAL, hf_qwen.QWEN2, hf_qwen.QWEN3, hf_qwen.QWEN3_MOE)
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE frequencies).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -44,6 +48,14 @@ def _head_dim(m) -> int:
 def hf_architecture(cfg: Config) -> str:
     """Which HF class represents this model; decided by its features, not by --model-style."""
     m = cfg.model
+    if m.qk_layernorm or m.add_qkv_bias:  # Qwen's attention
+        if not (m.normalization == "RMSNorm" and m.position_embedding_type == "rope" and m.swiglu):
+            raise ConversionError("no Hugging Face architecture for QK-norm or Q/K/V-only biases without "
+                                  "RMSNorm, rope and swiglu (Qwen2/Qwen3 are Llama-shaped)")
+        arch, problem = hf_qwen.architecture(cfg)
+        if problem:
+            raise ConversionError(f"no Hugging Face architecture for this model: {problem}")
+        return arch
     if cfg.moe.num_experts is not None:  # MoE: Mixtral, when the model is a Llama with Mixtral's routing
         problem = None if (m.normalization == "RMSNorm" and m.position_embedding_type == "rope" and m.swiglu) \
             else "Mixtral needs RMSNorm, rope and swiglu"
@@ -80,9 +92,9 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
               "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "use_cache": True,
               # transformers 5 reads "dtype", older readers (vLLM's pinned transformers) "torch_dtype".
               "dtype": dtype_name, "torch_dtype": dtype_name}
-    if arch == hf_moe.MIXTRAL:
-        cfg_llama = _llama_like(cfg)
-        return hf_moe.to_mixtral_config(cfg, to_hf_config(cfg_llama, dtype, bos_token_id, eos_token_id, pad_token_id))
+    if arch != LLAMA and arch in LLAMA_FAMILY:
+        llama = to_hf_config(_llama_like(cfg), dtype, bos_token_id, eos_token_id, pad_token_id)
+        return hf_moe.to_mixtral_config(cfg, llama) if arch == hf_moe.MIXTRAL else hf_qwen.to_qwen_config(cfg, arch, llama)
     if arch == LLAMA:
         return {"model_type": "llama", "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
                 "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
@@ -104,10 +116,11 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
 
 
 def _llama_like(cfg: Config) -> Config:
-    """The same model without MoE layers (its attention, norms and embeddings map as Llama's)."""
+    """The same model as a Llama: no MoE layers, no QK-norm or Q/K/V-only biases (its common config)."""
     import copy
     out = copy.deepcopy(cfg)
     out.moe.num_experts = None
+    out.model.qk_layernorm = out.model.add_qkv_bias = False
     return out
 
 
@@ -126,21 +139,28 @@ def to_hf_state_dict(cfg: Config, sd: dict, dtype: torch.dtype | None = None) ->
 def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
     m = cfg.model
     tied = not m.untie_embeddings_and_output_weights
-    if arch in (LLAMA, hf_moe.MIXTRAL):
+    if arch in LLAMA_FAMILY:
+        kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
+        qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
         yield "model.embed_tokens.weight", sd["word_embeddings.weight"][:vocab]
         for i in range(m.num_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
             yield h + "input_layernorm.weight", sd[p + "input_norm.weight"]
             yield h + "post_attention_layernorm.weight", sd[p + "pre_mlp_norm.weight"]
-            for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
+            for kind in qkv_kinds:
                 q, k, v = sd[p + f"self_attention.linear_qkv.{kind}"].split([q_size, kv_size, kv_size])
                 yield h + f"self_attn.q_proj.{kind}", q
                 yield h + f"self_attn.k_proj.{kind}", k
                 yield h + f"self_attn.v_proj.{kind}", v
+            for kind in kinds:
                 yield h + f"self_attn.o_proj.{kind}", sd[p + f"self_attention.linear_proj.{kind}"]
-                if arch == hf_moe.MIXTRAL:
-                    yield from hf_moe.moe_pairs_to_hf(cfg, sd, p + "mlp.", h)
-                    continue
+            if m.qk_layernorm:
+                yield h + "self_attn.q_norm.weight", sd[p + "self_attention.q_layernorm.weight"]
+                yield h + "self_attn.k_norm.weight", sd[p + "self_attention.k_layernorm.weight"]
+            if is_moe_layer(cfg, i):
+                yield from hf_moe.moe_pairs_to_hf(cfg, arch, sd, p + "mlp.", h)
+                continue
+            for kind in kinds:
                 gate, up = sd[p + f"mlp.linear_fc1.{kind}"].chunk(2)
                 yield h + f"mlp.gate_proj.{kind}", gate
                 yield h + f"mlp.up_proj.{kind}", up
@@ -179,11 +199,14 @@ def from_hf_config(hf: dict, **overrides) -> Config:
         if hf.get("sliding_window"):
             raise ConversionError("config.json: sliding-window attention is not supported by megaflow")
         kw = dict(_llama_fields(hf), **hf_moe.from_mixtral_config(hf))
+    elif model_type in hf_qwen.MODEL_TYPES.values() or arch in hf_qwen.MODEL_TYPES:
+        model_type = model_type or hf_qwen.MODEL_TYPES[arch]
+        kw = dict(_llama_fields(dict(hf, attention_bias=False)), **hf_qwen.from_qwen_config(hf, model_type))
     elif arch == GPT2 or model_type == "gpt2":
         kw = _gpt2_fields(hf)
     else:
         raise ConversionError(f"config.json: architectures={hf.get('architectures')}, model_type={model_type}: "
-                              f"only {LLAMA} and {GPT2} are supported ({hf_moe.MIXTRAL} for MoE)")
+                              f"supported: {', '.join(LLAMA_FAMILY)} and {GPT2}")
     kw.update(hidden_dropout=0.0, attention_dropout=0.0, init_method_std=hf.get("initializer_range", 0.02),
               untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", True))
     kw["seq_length"] = min(kw["max_position_embeddings"], 2048)
@@ -251,19 +274,26 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
         used.add(name)
         return hf_sd[name]
 
-    if arch in (LLAMA, hf_moe.MIXTRAL):
+    if arch in LLAMA_FAMILY:
+        kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
+        qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
         out["word_embeddings.weight"] = take("model.embed_tokens.weight")
         for i in range(m.num_layers):
             p, h = f"layers.{i}.", f"model.layers.{i}."
             out[p + "input_norm.weight"] = take(h + "input_layernorm.weight")
             out[p + "pre_mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
-            for kind in ("weight", "bias") if m.add_bias_linear else ("weight",):
+            for kind in qkv_kinds:
                 out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat(
                     [take(h + f"self_attn.{x}_proj.{kind}") for x in "qkv"])
+            for kind in kinds:
                 out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
-                if arch == hf_moe.MIXTRAL:
-                    out.update(hf_moe.moe_from_hf(cfg, take, p + "mlp.", h))
-                    continue
+            if m.qk_layernorm:
+                out[p + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
+                out[p + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")
+            if is_moe_layer(cfg, i):
+                out.update(hf_moe.moe_from_hf(cfg, arch, take, p + "mlp.", h))
+                continue
+            for kind in kinds:
                 out[p + f"mlp.linear_fc1.{kind}"] = torch.cat([take(h + f"mlp.gate_proj.{kind}"),
                                                                take(h + f"mlp.up_proj.{kind}")])
                 out[p + f"mlp.linear_fc2.{kind}"] = take(h + f"mlp.down_proj.{kind}")

@@ -1,4 +1,5 @@
-"""megaflow MoE models ⇄ Hugging Face MixtralForCausalLM (config.json and the MoE layers' weights).
+"""megaflow MoE models ⇄ Hugging Face MixtralForCausalLM (config.json) and the MoE layers' weights of
+Mixtral and Qwen3-MoE (checkpoint/hf_qwen.py has Qwen3-MoE's config).
 
 A Llama-style model whose every layer is an MoE layer with Mixtral's routing (softmax over all experts,
 top-k, renormalised; no shared expert, no expert bias, no groups, no capacity) is a Mixtral:
@@ -7,12 +8,16 @@ top-k, renormalised; no shared expert, no expert bias, no groups, no capacity) i
     layers.i.mlp.experts.local_experts.e.linear_fc1     .block_sparse_moe.experts.e.w1 (gate) / .w3 (up)
     layers.i.mlp.experts.local_experts.e.linear_fc2     .block_sparse_moe.experts.e.w2 (down)
 
-(the per-expert names transformers writes and vLLM reads). Attention, norms and embeddings map as in
-checkpoint/hf.py's Llama table.
+(the per-expert names transformers writes and vLLM reads). Qwen3-MoE names the same tensors
+mlp.gate.weight and mlp.experts.e.gate_proj / up_proj / down_proj. Attention, norms and embeddings
+map as in checkpoint/hf.py's Llama table.
 """
 from __future__ import annotations
 
 MIXTRAL = "MixtralForCausalLM"
+# HF names of an MoE layer, after "model.layers.i.": (router, expert e's prefix, (gate, up, down)).
+_NAMES = {MIXTRAL: ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2")),
+          "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def mixtral_problem(cfg) -> str | None:
@@ -50,23 +55,25 @@ def from_mixtral_config(hf: dict) -> dict:
                 moe_layer_freq="1")
 
 
-def moe_pairs_to_hf(cfg, sd: dict, ours: str, theirs: str):
+def moe_pairs_to_hf(cfg, arch: str, sd: dict, ours: str, theirs: str):
     """(HF name, tensor) of one MoE layer: ours = 'layers.i.mlp.', theirs = 'model.layers.i.'."""
-    yield theirs + "block_sparse_moe.gate.weight", sd[ours + "router.weight"]
+    router, expert, (w_gate, w_up, w_down) = _NAMES[arch]
+    yield theirs + router, sd[ours + "router.weight"]
     for e in range(cfg.moe.num_experts):
-        p, h = f"{ours}experts.local_experts.{e}.", f"{theirs}block_sparse_moe.experts.{e}."
+        p, h = f"{ours}experts.local_experts.{e}.", theirs + expert.format(e)
         gate, up = sd[p + "linear_fc1.weight"].chunk(2)
-        yield h + "w1.weight", gate
-        yield h + "w3.weight", up
-        yield h + "w2.weight", sd[p + "linear_fc2.weight"]
+        yield h + w_gate + ".weight", gate
+        yield h + w_up + ".weight", up
+        yield h + w_down + ".weight", sd[p + "linear_fc2.weight"]
 
 
-def moe_from_hf(cfg, take, ours: str, theirs: str) -> dict:
+def moe_from_hf(cfg, arch: str, take, ours: str, theirs: str) -> dict:
     """megaflow tensors of one MoE layer; take(name) fetches (and marks used) an HF tensor."""
     import torch
-    out = {ours + "router.weight": take(theirs + "block_sparse_moe.gate.weight")}
+    router, expert, (w_gate, w_up, w_down) = _NAMES[arch]
+    out = {ours + "router.weight": take(theirs + router)}
     for e in range(cfg.moe.num_experts):
-        p, h = f"{ours}experts.local_experts.{e}.", f"{theirs}block_sparse_moe.experts.{e}."
-        out[p + "linear_fc1.weight"] = torch.cat([take(h + "w1.weight"), take(h + "w3.weight")])
-        out[p + "linear_fc2.weight"] = take(h + "w2.weight")
+        p, h = f"{ours}experts.local_experts.{e}.", theirs + expert.format(e)
+        out[p + "linear_fc1.weight"] = torch.cat([take(h + w_gate + ".weight"), take(h + w_up + ".weight")])
+        out[p + "linear_fc2.weight"] = take(h + w_down + ".weight")
     return out

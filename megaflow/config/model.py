@@ -35,6 +35,10 @@ class ModelConfig:
     untie_embeddings_and_output_weights: Optional[bool] = _f(None, "separate output layer", action="store_true")
     add_bias_linear: Optional[bool] = _f(None, "biases in linear layers", flag="--disable-bias-linear",
                                          action="store_false")
+    add_qkv_bias: bool = _f(False, "biases on the Q/K/V projection only, whatever --disable-bias-linear says "
+                                   "(Qwen2)", action="store_true")
+    qk_layernorm: bool = _f(False, "normalise each query and key head (over the head dimension, before RoPE) "
+                                   "with --normalization (Qwen3, OLMo 2)", action="store_true")
     init_method_std: float = _f(0.02, "std of the normal init")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
     hidden_dropout: float = _f(0.1, "dropout on residual branches and embeddings")

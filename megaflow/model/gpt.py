@@ -48,11 +48,19 @@ class SelfAttention(nn.Module):
         self.g_local = m.num_query_groups // tp
         q_size, kv_size = m.num_attention_heads * self.head_dim, m.num_query_groups * self.head_dim
         # Fused [Q; K; V] projection; each block is split across TP on its own (layers/sharding.py).
-        self.linear_qkv = ColumnParallelLinear(m.hidden_size, q_size + 2 * kv_size, bias=m.add_bias_linear,
+        self.linear_qkv = ColumnParallelLinear(m.hidden_size, q_size + 2 * kv_size,
+                                               bias=m.add_bias_linear or m.add_qkv_bias,
                                                sequence_parallel=sp, fused_sizes=[q_size, kv_size, kv_size],
                                                init_std=m.init_method_std, separate_blocks=True)
         self.linear_proj = RowParallelLinear(q_size, m.hidden_size, bias=m.add_bias_linear,
                                              sequence_parallel=sp, init_std=output_std)
+        if m.qk_layernorm:
+            # One weight over the head dimension, shared by every head: replicated across TP while each
+            # rank normalises its own heads, so its gradient is summed over TP, as sequence-parallel
+            # norms' are (the flag only marks that sum).
+            tp_partial = tp > 1
+            self.q_layernorm = build_norm(m.normalization, self.head_dim, m.norm_epsilon, m.norm_backend, tp_partial)
+            self.k_layernorm = build_norm(m.normalization, self.head_dim, m.norm_epsilon, m.norm_backend, tp_partial)
         self.rope = m.position_embedding_type == "rope"
         self.rotary_base = m.rotary_base
         self.dropout_p = m.attention_dropout
@@ -85,8 +93,10 @@ class SelfAttention(nn.Module):
         rotary, cu_seqlens_bt = context or (None, None)
         q, k, v = self.linear_qkv(x_sbh)                               # [s, b, n·d], [s, b, g·d] x2
         s, b = q.shape[:2]
-        q_bnsd = q.reshape(s, b, self.n_local, self.head_dim).permute(1, 2, 0, 3)
-        k_bgsd = k.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
+        q_sbnd, k_sbgd = q.reshape(s, b, self.n_local, self.head_dim), k.reshape(s, b, self.g_local, self.head_dim)
+        if hasattr(self, "q_layernorm"):  # QK-norm: each head over its d features, before RoPE
+            q_sbnd, k_sbgd = self.q_layernorm(q_sbnd), self.k_layernorm(k_sbgd)
+        q_bnsd, k_bgsd = q_sbnd.permute(1, 2, 0, 3), k_sbgd.permute(1, 2, 0, 3)
         v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
         if self.rope and rotary is not None:  # each token's own position (CP chunks, reset positions)
             q_bnsd = apply_rotary(q_bnsd, *rotary, backend=self.backend)

@@ -97,11 +97,15 @@ def layer_parameters(cfg: Config, index: int, number: int | None = None) -> list
     p = f"layers.{index}."
     out = _norm(p + "input_norm", cfg)
     out.append(Param(p + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h))
-    if bias:
+    if bias or m.add_qkv_bias:
         out.append(Param(p + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp))
     out.append(Param(p + "self_attention.linear_proj.weight", h * (q // tp)))
     if bias:
         out.append(Param(p + "self_attention.linear_proj.bias", h))
+    if m.qk_layernorm:
+        for name in ("q_layernorm", "k_layernorm"):
+            out += [Param(p + f"self_attention.{name}.{kind}", d)
+                    for kind in (("weight", "bias") if m.normalization == "LayerNorm" else ("weight",))]
     out += _norm(p + "pre_mlp_norm", cfg)
     return out + (moe_parameters(cfg, p + "mlp.") if is_moe_layer(cfg, number) else _mlp(cfg, p + "mlp.", f))
 

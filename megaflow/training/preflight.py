@@ -191,6 +191,7 @@ def _shape_fields(model: dict, vocab_size) -> list[tuple[str, object]]:
            ("--num-query-groups", model.get("num_query_groups")), ("--kv-channels (head dimension)", head_dim),
            ("--normalization", model.get("normalization")), ("--swiglu", model.get("swiglu")),
            ("--disable-bias-linear", not model.get("add_bias_linear")),
+           ("--add-qkv-bias", model.get("add_qkv_bias")), ("--qk-layernorm", model.get("qk_layernorm")),
            ("--untie-embeddings-and-output-weights", model.get("untie_embeddings_and_output_weights")),
            ("--position-embedding-type", model.get("position_embedding_type"))]
     if model.get("position_embedding_type") == "learned_absolute":

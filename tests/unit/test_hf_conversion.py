@@ -270,7 +270,7 @@ def test_unsupported_models_fail_clearly(tmp_path):
         from_hf_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
                         "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 100,
                         "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
-    with pytest.raises(ConversionError, match="only LlamaForCausalLM and GPT2LMHeadModel"):
+    with pytest.raises(ConversionError, match="supported: LlamaForCausalLM, .*Qwen3ForCausalLM.* and GPT2LMHeadModel"):
         from_hf_config({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
 
 
