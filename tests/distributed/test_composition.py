@@ -5,7 +5,9 @@ schedule, in one torchrun launch; ZeRO-1 (sharded optimizer state) and ZeRO-3 (p
 layer). GPT-2-style runs add the tied embedding split across the first and last stage (its gradient is
 summed on shards, in a bucket of its own), at ZeRO-3 with full activation recompute. The vocabulary
 (300 ids) pads to 512 rows at TP=2 and 384 in the single process: the padding takes no part, so the
-runs are equal on the real rows, and every padding row stays exactly 0."""
+runs are equal on the real rows, and every padding row stays exactly 0. Qwen3 (QK-norm: one weight
+over the head dimension, whose gradient every TP rank's heads contribute to) and Qwen2 (Q/K/V biases)
+train alike, at ZeRO-1 + SP and ZeRO-3."""
 import json
 import os
 
@@ -21,6 +23,7 @@ ZERO = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param
         "--ddp-bucket-size", "4000"]
 SP, INTERLEAVED = ["--sequence-parallel"], ["--num-layers-per-virtual-pipeline-stage", "1"]
 ZERO3 = ["--use-distributed-optimizer", "--zero-stage", "3"]
+QWEN2, QWEN3 = LLAMA + ["--add-qkv-bias"], LLAMA + ["--qk-layernorm"]   # issue 19's families
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 CONFIGS = {
     "plain": LLAMA + GRID,
@@ -31,7 +34,10 @@ CONFIGS = {
     "zero3_sp_keep_gathered": LLAMA + GRID + ZERO3 + SP + ["--no-reshard-after-forward"],
     "gpt2_zero1_sp": GPT2 + GRID + ZERO + SP,
     "gpt2_zero3_sp_recompute": GPT2 + GRID + ZERO3 + SP + RECOMPUTE,
+    "qwen3_zero1_sp": QWEN3 + GRID + ZERO + SP,
+    "qwen2_zero3": QWEN2 + GRID + ZERO3,
 }
+REFERENCES = {"llama": LLAMA, "gpt2": GPT2, "qwen3": QWEN3, "qwen2": QWEN2}
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +47,13 @@ def results(tmp_path_factory):
     torchrun(os.path.join(HERE, "layout_worker.py"), 8, [tmp, tmp / "configs.json"], timeout=600)
     out = {name: [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=False) for r in range(8)]
            for name in CONFIGS}
-    return out, {"llama": reference(LLAMA), "gpt2": reference(GPT2)}
+    return out, {name: reference(flags) for name, flags in REFERENCES.items()}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_tp2_pp2_dp2_equals_single_process(results, name):
     out, refs = results
-    ranks, ref = out[name], refs["gpt2" if name.startswith("gpt2") else "llama"]
+    ranks, ref = out[name], refs[name.split("_")[0] if name.split("_")[0] in REFERENCES else "llama"]
     assert ref["losses"][4] < ref["losses"][1] - 0.05              # it trained: weights moved
     losses = ranks[-1]["losses"]                                   # the last stage logs the loss
     assert sorted(losses) == [1, 2, 3, 4]
