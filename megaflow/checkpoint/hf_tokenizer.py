@@ -1,8 +1,9 @@
 """The tokenizer files of an exported Hugging Face folder, from the tokenizer a checkpoint trained with.
 
     NullTokenizer(V)          a WordLevel tokenizer.json with the same semantics: whitespace-separated
-                              decimal ids "0".."V-1", and "<|endoftext|>" = the EOD id V. Servers then
-                              accept "12 7 99" as text and return ids as text.
+                              decimal ids "0".."V-1", and "<|endoftext|>" = the EOD id V (also the
+                              unknown token). Servers then accept "12 7 99" as text and return ids
+                              as text.
     HuggingFaceTokenizer,     the `tokenizers` object written as tokenizer.json (identical encoding),
     GPT2BPETokenizer          plus the source folder's tokenizer_config.json / special_tokens_map.json.
     SentencePieceTokenizer    the .model copied as tokenizer.model, with a LlamaTokenizer config.
@@ -70,8 +71,9 @@ def _null_tokenizer_json(tok: NullTokenizer):
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     vocab = {str(i): i for i in range(tok.eod)}
     vocab[NULL_EOD_TOKEN] = tok.eod
-    # No unknown token: text that is not ids is an error, as with NullTokenizer itself.
-    t = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    # A word that is not an id reads as EOD rather than failing: servers encode probe text of their
+    # own at start-up (vLLM's decision endpoint encodes "yes"/"no" labels for Qwen3, among others).
+    t = Tokenizer(models.WordLevel(vocab, unk_token=NULL_EOD_TOKEN))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t.add_special_tokens([AddedToken(NULL_EOD_TOKEN, special=True)])
     return t
