@@ -72,6 +72,15 @@ def training_flags(cfg: Config) -> list[str]:
     if m.swiglu:
         flags += ["--swiglu"]
     flags += [f for f, on in (("--add-qkv-bias", m.add_qkv_bias), ("--qk-layernorm", m.qk_layernorm)) if on]
+    if m.multi_latent_attention:
+        flags += ["--multi-latent-attention", "--kv-lora-rank", m.kv_lora_rank, "--qk-head-dim", m.qk_head_dim,
+                  "--qk-pos-emb-head-dim", m.qk_pos_emb_head_dim, "--v-head-dim", m.v_head_dim]
+        flags += ["--q-lora-rank", m.q_lora_rank] if m.q_lora_rank else []
+    if m.rope_type == "yarn":
+        flags += ["--rope-type", "yarn", "--rotary-scaling-factor", m.rotary_scaling_factor,
+                  "--original-max-position-embeddings", m.original_max_position_embeddings,
+                  "--beta-fast", m.beta_fast, "--beta-slow", m.beta_slow, "--mscale", m.mscale,
+                  "--mscale-all-dim", m.mscale_all_dim]
     if preset == "gpt2" and m.untie_embeddings_and_output_weights:
         flags += ["--untie-embeddings-and-output-weights"]
     if preset == "gpt2" and not m.add_bias_linear:
@@ -80,12 +89,20 @@ def training_flags(cfg: Config) -> list[str]:
         e = cfg.moe
         flags += ["--num-experts", e.num_experts, "--moe-ffn-hidden-size", e.moe_ffn_hidden_size,
                   "--moe-router-topk", e.moe_router_topk, "--moe-layer-freq", e.moe_layer_freq]
-        if e.moe_router_pre_softmax:
-            flags += ["--moe-router-pre-softmax"]
+        flags += ["--moe-router-score-function", e.moe_router_score_function]
+        flags += ["--moe-router-pre-softmax"] if e.moe_router_pre_softmax else []
+        flags += ["--moe-router-enable-expert-bias"] if e.moe_router_enable_expert_bias else []
+        for flag, value in (("--moe-router-num-groups", e.moe_router_num_groups),
+                            ("--moe-router-group-topk", e.moe_router_group_topk),
+                            ("--moe-router-topk-scaling-factor", e.moe_router_topk_scaling_factor),
+                            ("--moe-shared-expert-intermediate-size", e.moe_shared_expert_intermediate_size)):
+            flags += [flag, value] if value is not None else []
     if d.tokenizer_type == "NullTokenizer":
         flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", d.vocab_size]
     else:
         flags += ["--tokenizer-type", d.tokenizer_type, "--tokenizer-model", d.tokenizer_model]
     flags += ["--tensor-model-parallel-size", p.tensor_model_parallel_size,
               "--pipeline-model-parallel-size", p.pipeline_model_parallel_size]
+    if p.tensor_model_parallel_size > 1 and (p.sequence_parallel or cfg.moe.num_experts is not None):
+        flags += ["--sequence-parallel"]  # MoE layers at TP > 1 need it
     return [str(f) for f in flags]

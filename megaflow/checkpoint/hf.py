@@ -4,7 +4,8 @@ Works on *full* state dicts keyed by megaflow's global names (checkpoint/full_st
 state dicts as safetensors holds them; no parallel state, no files.
 
     Llama style -> LlamaForCausalLM          GPT-2 style -> GPT2LMHeadModel
-    (Mixtral: hf_moe.py; Qwen2, Qwen3, Qwen3-MoE: hf_qwen.py; same table plus their layers)
+    (Mixtral: hf_moe.py; Qwen2, Qwen3, Qwen3-MoE: hf_qwen.py; same table plus their layers;
+     DeepSeek-V3: hf_deepseek.py, the same table with multi-latent attention)
     word_embeddings      model.embed_tokens      transformer.wte
     position_embeddings  -                       transformer.wpe
     layers.i.input_norm  .input_layernorm        .ln_1
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.checkpoint import hf_moe, hf_qwen
+from megaflow.checkpoint import hf_deepseek, hf_moe, hf_qwen
 from megaflow.checkpoint.full_state import pad_rows
 from megaflow.config import Config, config_from_kwargs, set_vocab_size
 from megaflow.errors import UserError
@@ -31,7 +32,7 @@ from megaflow.model.spec import is_moe_layer
 
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 # Llama-shaped: their weights map by one table (Qwen adds QK-norm and Q/K/V biases, MoE its experts).
-LLAMA_FAMILY = (LLAMA, hf_moe.MIXTRAL, hf_qwen.QWEN2, hf_qwen.QWEN3, hf_qwen.QWEN3_MOE)
+LLAMA_FAMILY = (LLAMA, hf_moe.MIXTRAL, hf_qwen.QWEN2, hf_qwen.QWEN3, hf_qwen.QWEN3_MOE, hf_deepseek.DEEPSEEK_V3)
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE frequencies).
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -48,6 +49,11 @@ def _head_dim(m) -> int:
 def hf_architecture(cfg: Config) -> str:
     """Which HF class represents this model; decided by its features, not by --model-style."""
     m = cfg.model
+    if m.multi_latent_attention:
+        problem = hf_deepseek.architecture_problem(cfg)
+        if problem:
+            raise ConversionError(f"no Hugging Face architecture for this multi-latent-attention model: {problem}")
+        return hf_deepseek.DEEPSEEK_V3
     if m.qk_layernorm or m.add_qkv_bias:  # Qwen's attention
         if not (m.normalization == "RMSNorm" and m.position_embedding_type == "rope" and m.swiglu):
             raise ConversionError("no Hugging Face architecture for QK-norm or Q/K/V-only biases without "
@@ -92,6 +98,8 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
               "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "use_cache": True,
               # transformers 5 reads "dtype", older readers (vLLM's pinned transformers) "torch_dtype".
               "dtype": dtype_name, "torch_dtype": dtype_name}
+    if arch == hf_deepseek.DEEPSEEK_V3:
+        return hf_deepseek.to_deepseek_config(cfg, common)
     if arch != LLAMA and arch in LLAMA_FAMILY:
         llama = to_hf_config(_llama_like(cfg), dtype, bos_token_id, eos_token_id, pad_token_id)
         return hf_moe.to_mixtral_config(cfg, llama) if arch == hf_moe.MIXTRAL else hf_qwen.to_qwen_config(cfg, arch, llama)
@@ -147,13 +155,11 @@ def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
             p, h = f"layers.{i}.", f"model.layers.{i}."
             yield h + "input_layernorm.weight", sd[p + "input_norm.weight"]
             yield h + "post_attention_layernorm.weight", sd[p + "pre_mlp_norm.weight"]
-            for kind in qkv_kinds:
-                q, k, v = sd[p + f"self_attention.linear_qkv.{kind}"].split([q_size, kv_size, kv_size])
-                yield h + f"self_attn.q_proj.{kind}", q
-                yield h + f"self_attn.k_proj.{kind}", k
-                yield h + f"self_attn.v_proj.{kind}", v
-            for kind in kinds:
-                yield h + f"self_attn.o_proj.{kind}", sd[p + f"self_attention.linear_proj.{kind}"]
+            if m.multi_latent_attention:
+                yield from hf_deepseek.mla_pairs_to_hf(m, sd, p + "self_attention.", h + "self_attn.")
+            else:
+                yield from _attention_pairs_to_hf(sd, p + "self_attention.", h + "self_attn.", qkv_kinds, kinds,
+                                                  q_size, kv_size)
             if m.qk_layernorm:
                 yield h + "self_attn.q_norm.weight", sd[p + "self_attention.q_layernorm.weight"]
                 yield h + "self_attn.k_norm.weight", sd[p + "self_attention.k_layernorm.weight"]
@@ -186,6 +192,16 @@ def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
         yield "lm_head.weight", sd["output_layer.weight"][:vocab]
 
 
+def _attention_pairs_to_hf(sd, ours, theirs, qkv_kinds, kinds, q_size, kv_size):
+    for kind in qkv_kinds:
+        q, k, v = sd[ours + f"linear_qkv.{kind}"].split([q_size, kv_size, kv_size])
+        yield theirs + f"q_proj.{kind}", q
+        yield theirs + f"k_proj.{kind}", k
+        yield theirs + f"v_proj.{kind}", v
+    for kind in kinds:
+        yield theirs + f"o_proj.{kind}", sd[ours + f"linear_proj.{kind}"]
+
+
 # ---------------------------------------------------------------------------------------------
 # HF -> megaflow
 
@@ -202,6 +218,8 @@ def from_hf_config(hf: dict, **overrides) -> Config:
     elif model_type in hf_qwen.MODEL_TYPES.values() or arch in hf_qwen.MODEL_TYPES:
         model_type = model_type or hf_qwen.MODEL_TYPES[arch]
         kw = dict(_llama_fields(dict(hf, attention_bias=False)), **hf_qwen.from_qwen_config(hf, model_type))
+    elif arch == hf_deepseek.DEEPSEEK_V3 or model_type == "deepseek_v3":
+        kw = hf_deepseek.from_deepseek_config(hf)
     elif arch == GPT2 or model_type == "gpt2":
         kw = _gpt2_fields(hf)
     else:
@@ -263,6 +281,9 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
     if arch == GPT2:  # the original OpenAI files name weights without the "transformer." prefix
         hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
                  for k, v in hf_sd.items()}
+    if arch == hf_deepseek.DEEPSEEK_V3:  # DeepSeek's multi-token-prediction layers follow the last layer
+        hf_sd = {k: v for k, v in hf_sd.items()
+                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= m.num_layers)}
     tied = not m.untie_embeddings_and_output_weights
     if tied:
         hf_sd.pop("lm_head.weight", None)  # some writers store the tied copy too
@@ -282,11 +303,14 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
             p, h = f"layers.{i}.", f"model.layers.{i}."
             out[p + "input_norm.weight"] = take(h + "input_layernorm.weight")
             out[p + "pre_mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
-            for kind in qkv_kinds:
-                out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat(
-                    [take(h + f"self_attn.{x}_proj.{kind}") for x in "qkv"])
-            for kind in kinds:
-                out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
+            if m.multi_latent_attention:
+                out.update(hf_deepseek.mla_from_hf(m, take, p + "self_attention.", h + "self_attn."))
+            else:
+                for kind in qkv_kinds:
+                    out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat(
+                        [take(h + f"self_attn.{x}_proj.{kind}") for x in "qkv"])
+                for kind in kinds:
+                    out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
             if m.qk_layernorm:
                 out[p + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
                 out[p + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")

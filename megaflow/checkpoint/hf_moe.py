@@ -8,16 +8,19 @@ top-k, renormalised; no shared expert, no expert bias, no groups, no capacity) i
     layers.i.mlp.experts.local_experts.e.linear_fc1     .block_sparse_moe.experts.e.w1 (gate) / .w3 (up)
     layers.i.mlp.experts.local_experts.e.linear_fc2     .block_sparse_moe.experts.e.w2 (down)
 
-(the per-expert names transformers writes and vLLM reads). Qwen3-MoE names the same tensors
-mlp.gate.weight and mlp.experts.e.gate_proj / up_proj / down_proj. Attention, norms and embeddings
-map as in checkpoint/hf.py's Llama table.
+(the per-expert names transformers writes and vLLM reads). Qwen3-MoE and DeepSeek-V3 name the same
+tensors mlp.gate.weight and mlp.experts.e.gate_proj / up_proj / down_proj; DeepSeek-V3 adds the expert
+bias (mlp.gate.e_score_correction_bias, zeros when megaflow trained without one) and the shared experts
+(mlp.shared_experts.gate_proj / up_proj / down_proj). Attention, norms and embeddings map as in
+checkpoint/hf.py's Llama table.
 """
 from __future__ import annotations
 
 MIXTRAL = "MixtralForCausalLM"
 # HF names of an MoE layer, after "model.layers.i.": (router, expert e's prefix, (gate, up, down)).
 _NAMES = {MIXTRAL: ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{}.", ("w1", "w3", "w2")),
-          "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))}
+          "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj")),
+          "DeepseekV3ForCausalLM": ("mlp.gate.weight", "mlp.experts.{}.", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def mixtral_problem(cfg) -> str | None:
@@ -59,6 +62,14 @@ def moe_pairs_to_hf(cfg, arch: str, sd: dict, ours: str, theirs: str):
     """(HF name, tensor) of one MoE layer: ours = 'layers.i.mlp.', theirs = 'model.layers.i.'."""
     router, expert, (w_gate, w_up, w_down) = _NAMES[arch]
     yield theirs + router, sd[ours + "router.weight"]
+    if arch == "DeepseekV3ForCausalLM":
+        bias = sd.get(ours + "router.expert_bias")
+        yield theirs + "mlp.gate.e_score_correction_bias", bias if bias is not None else sd[ours + "router.weight"].new_zeros(
+            cfg.moe.num_experts)
+        gate, up = sd[ours + "shared_experts.linear_fc1.weight"].chunk(2)
+        yield from ((theirs + "mlp.shared_experts." + k, v) for k, v in (
+            ("gate_proj.weight", gate), ("up_proj.weight", up),
+            ("down_proj.weight", sd[ours + "shared_experts.linear_fc2.weight"])))
     for e in range(cfg.moe.num_experts):
         p, h = f"{ours}experts.local_experts.{e}.", theirs + expert.format(e)
         gate, up = sd[p + "linear_fc1.weight"].chunk(2)
@@ -72,6 +83,12 @@ def moe_from_hf(cfg, arch: str, take, ours: str, theirs: str) -> dict:
     import torch
     router, expert, (w_gate, w_up, w_down) = _NAMES[arch]
     out = {ours + "router.weight": take(theirs + router)}
+    if arch == "DeepseekV3ForCausalLM":
+        out[ours + "router.expert_bias"] = take(theirs + "mlp.gate.e_score_correction_bias").float()
+        h = theirs + "mlp.shared_experts."
+        out[ours + "shared_experts.linear_fc1.weight"] = torch.cat([take(h + "gate_proj.weight"),
+                                                                    take(h + "up_proj.weight")])
+        out[ours + "shared_experts.linear_fc2.weight"] = take(h + "down_proj.weight")
     for e in range(cfg.moe.num_experts):
         p, h = f"{ours}experts.local_experts.{e}.", theirs + expert.format(e)
         out[p + "linear_fc1.weight"] = torch.cat([take(h + w_gate + ".weight"), take(h + w_up + ".weight")])

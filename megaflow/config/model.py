@@ -39,6 +39,21 @@ class ModelConfig:
                                    "(Qwen2)", action="store_true")
     qk_layernorm: bool = _f(False, "normalise each query and key head (over the head dimension, before RoPE) "
                                    "with --normalization (Qwen3, OLMo 2)", action="store_true")
+    multi_latent_attention: bool = _f(False, "multi-latent attention (DeepSeek-V2/V3): queries and keys/values "
+                                             "from low-rank latents, RoPE on a decoupled part of each head",
+                                      action="store_true")
+    q_lora_rank: Optional[int] = _f(None, "MLA: rank of the query latent (unset: one full-rank query projection)")
+    kv_lora_rank: int = _f(32, "MLA: rank of the key/value latent (the generation cache holds it per token)")
+    qk_head_dim: int = _f(128, "MLA: query/key head features without positions")
+    qk_pos_emb_head_dim: int = _f(64, "MLA: query/key head features RoPE rotates (one key part shared by all heads)")
+    v_head_dim: int = _f(128, "MLA: value head dimension")
+    rope_type: str = _f("rope", "RoPE frequencies: plain, or YaRN-scaled for long contexts", choices=["rope", "yarn"])
+    rotary_scaling_factor: float = _f(1.0, "YaRN: context extension factor")
+    original_max_position_embeddings: int = _f(4096, "YaRN: the context length RoPE was trained at")
+    beta_fast: float = _f(32.0, "YaRN: rotations per context above which frequencies are kept")
+    beta_slow: float = _f(1.0, "YaRN: rotations per context below which frequencies are interpolated")
+    mscale: float = _f(1.0, "YaRN: attention temperature coefficient")
+    mscale_all_dim: float = _f(0.0, "YaRN: attention temperature coefficient over all dimensions (DeepSeek)")
     init_method_std: float = _f(0.02, "std of the normal init")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
     hidden_dropout: float = _f(0.1, "dropout on residual branches and embeddings")
@@ -50,3 +65,26 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = _f(None, "layers per recompute chunk (uniform) or count (block)")
     attention_backend: str = _f("auto", "attention kernel", choices=["auto", "torch", "triton", "flash-attn"])
     norm_backend: str = _f("auto", "norm kernel", choices=["auto", "torch", "triton", "apex"])
+
+
+def validate_attention(cfg, need) -> None:
+    """Multi-latent attention and YaRN checks (called from config/validation.py)."""
+    m = cfg.model
+    need(m.rope_type == "rope" or m.position_embedding_type == "rope",
+         "--rope-type yarn scales RoPE: it needs --position-embedding-type rope (or --model-style llama)")
+    if m.rope_type == "yarn":
+        need(m.rotary_scaling_factor >= 1, "--rotary-scaling-factor must be at least 1 with --rope-type yarn")
+        need(m.original_max_position_embeddings > 0 and m.beta_fast > m.beta_slow > 0,
+             "YaRN needs --original-max-position-embeddings > 0 and --beta-fast > --beta-slow > 0")
+    if not m.multi_latent_attention:
+        return
+    need(m.position_embedding_type == "rope",
+         "--multi-latent-attention rotates a decoupled part of each head: it needs --position-embedding-type "
+         "rope (or --model-style llama)")
+    need(not m.group_query_attention and m.kv_channels is None and not m.add_qkv_bias,
+         "--multi-latent-attention sizes its heads with --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim "
+         "and shares keys through its latent: drop --group-query-attention, --kv-channels and --add-qkv-bias")
+    need(min(m.kv_lora_rank, m.qk_head_dim, m.qk_pos_emb_head_dim, m.v_head_dim) > 0
+         and (m.q_lora_rank is None or m.q_lora_rank > 0),
+         "--q-lora-rank, --kv-lora-rank, --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim must be positive")
+    need(m.qk_pos_emb_head_dim % 2 == 0, "--qk-pos-emb-head-dim must be even (RoPE rotates pairs)")

@@ -5,7 +5,7 @@ import math
 from typing import Optional
 
 from megaflow.config.fields import ConfigError
-from megaflow.config.model import MODEL_STYLES
+from megaflow.config.model import MODEL_STYLES, validate_attention
 from megaflow.config.resilience import validate_resilience_and_reporting
 from megaflow.config.moe import validate_moe
 from megaflow.config.root import Config
@@ -104,6 +104,7 @@ def validate(cfg: Config) -> None:
     if tp == 1:
         p.sequence_parallel = False  # nothing to shard; Megatron-LM switches it off the same way
     validate_moe(cfg, need)
+    validate_attention(cfg, need)
     need(not p.sequence_parallel or d.seq_length % tp == 0,
          f"--sequence-parallel needs --seq-length ({d.seq_length}) divisible by "
          f"--tensor-model-parallel-size ({tp})")

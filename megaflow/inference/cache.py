@@ -8,7 +8,8 @@ Feed the prompt in one call, then one token per call: the attention kernel's cau
 to the first key, which is right for a whole sequence (queries = keys) and for a single new query
 (sees everything), not for several new tokens after a cached prefix.
 
-Shapes: k_bgsd/v_bgsd [batch, kv heads, seq, head_dim]; buffers hold max_length positions.
+Shapes: k_bgsd/v_bgsd [batch, kv heads, seq, head_dim] (MLA stores its latent and positional key
+there: one "head" each, widths of their own); buffers hold max_length positions.
 """
 from __future__ import annotations
 
@@ -27,14 +28,14 @@ class InferenceCache:
 
     def update(self, layer, k_bgsd: torch.Tensor, v_bgsd: torch.Tensor):
         """Store this layer's new keys/values; returns every cached key/value, the new ones included."""
-        b, g, s, d = k_bgsd.shape
+        b, g, s = k_bgsd.shape[:3]
         if self.offset and s != 1:
             raise ValueError("after the prompt, feed the cache one token at a time")
         end = self.offset + s
         if end > self.max_length:
             raise ValueError(f"sequence of {end} tokens exceeds the cache's max_length {self.max_length}")
         if layer not in self._kv:
-            self._kv[layer] = (k_bgsd.new_empty(b, g, self.max_length, d), v_bgsd.new_empty(b, g, self.max_length, d))
+            self._kv[layer] = tuple(t.new_empty(*t.shape[:2], self.max_length, t.shape[3]) for t in (k_bgsd, v_bgsd))
         k_buf, v_buf = self._kv[layer]
         k_buf[:, :, self.offset:end] = k_bgsd
         v_buf[:, :, self.offset:end] = v_bgsd

@@ -193,3 +193,24 @@ class RowParallelLinear(nn.Module):
         else:
             y = mappings.reduce_from_tensor_parallel_region(y)
         return y if self.bias is None else y + self.bias
+
+
+class ReplicatedLinear(nn.Module):
+    """Y = X A with the whole weight on every TP rank: for projections too small to split, such as MLA's
+    down-projections to its latents. Its output is whole (each rank computes the same values) and its
+    consumers must make their input gradient whole again (a column-parallel layer does). Under sequence
+    parallelism each rank multiplies its own tokens, so the weight gradient is summed over TP (the flag)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, sequence_parallel: bool = False,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.weight = _empty(output_size, input_size)
+        self.weight.init_std = init_std
+        self.weight.sequence_parallel = sequence_parallel
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, device=state.get().device))
+            self.bias.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)

@@ -3,6 +3,9 @@
     GPT-2 style: LayerNorm, learned absolute positions, GeLU MLP, biases, tied input/output embeddings.
     Llama style: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention, no biases, untied output layer.
 
+Attention is model/attention.py's (multi-head or grouped-query) or, with --multi-latent-attention,
+model/mla.py's (DeepSeek-V3); model/spec.py picks it and the MLP (dense or MoE) for each layer.
+
 Parallelism enters only through the layer classes (tensor parallelism) and the stage flags
 `pre_process` (this stage owns the embedding) / `post_process` (final norm, output layer, loss).
 
@@ -28,96 +31,12 @@ import torch
 from torch import nn
 
 from megaflow.config import Config
-from megaflow.kernels.attention import attention
-from megaflow.kernels.rope import apply_rotary, rotary_cos_sin
-from megaflow.layers.context_attention import context_parallel_attention
 from megaflow.layers.linear import column_parallel_matmul
 from megaflow.layers.mlp import MLP  # noqa: F401  (re-exported: its home was this file)
-from megaflow.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelCrossEntropy,
-                             VocabParallelEmbedding, build_norm)
-from megaflow.model.spec import build_mlp
+from megaflow.layers import ColumnParallelLinear, VocabParallelCrossEntropy, VocabParallelEmbedding, build_norm
+from megaflow.model.attention import SelfAttention, rotary_tables  # noqa: F401  (SelfAttention: re-exported)
+from megaflow.model.spec import build_attention, build_mlp
 from megaflow.parallel import mappings, random, state
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: Config, output_std: float):
-        super().__init__()
-        m, sp, tp = cfg.model, cfg.parallel.sequence_parallel, state.get().tp_size
-        self.head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-        self.n_local = m.num_attention_heads // tp
-        self.g_local = m.num_query_groups // tp
-        q_size, kv_size = m.num_attention_heads * self.head_dim, m.num_query_groups * self.head_dim
-        # Fused [Q; K; V] projection; each block is split across TP on its own (layers/sharding.py).
-        self.linear_qkv = ColumnParallelLinear(m.hidden_size, q_size + 2 * kv_size,
-                                               bias=m.add_bias_linear or m.add_qkv_bias,
-                                               sequence_parallel=sp, fused_sizes=[q_size, kv_size, kv_size],
-                                               init_std=m.init_method_std, separate_blocks=True)
-        self.linear_proj = RowParallelLinear(q_size, m.hidden_size, bias=m.add_bias_linear,
-                                             sequence_parallel=sp, init_std=output_std)
-        if m.qk_layernorm:
-            # One weight over the head dimension, shared by every head: replicated across TP while each
-            # rank normalises its own heads, so its gradient is summed over TP, as sequence-parallel
-            # norms' are (the flag only marks that sum).
-            tp_partial = tp > 1
-            self.q_layernorm = build_norm(m.normalization, self.head_dim, m.norm_epsilon, m.norm_backend, tp_partial)
-            self.k_layernorm = build_norm(m.normalization, self.head_dim, m.norm_epsilon, m.norm_backend, tp_partial)
-        self.rope = m.position_embedding_type == "rope"
-        self.rotary_base = m.rotary_base
-        self.dropout_p = m.attention_dropout
-        self.backend = m.attention_backend
-        self.recompute_core = m.recompute_granularity == "selective"
-        # Tokens spread over CP ranks (zigzag) or packed documents: the block-attention path.
-        self.context_parallel = state.get().cp_size > 1
-        self.cp_comm_type = cfg.parallel.cp_comm_type
-
-    def _rotary_tables(self, seq_len, device):
-        # Same tables every step: compute once per sequence length (not a parameter, not saved).
-        key = (seq_len, device)
-        if getattr(self, "_rotary_key", None) != key:
-            self._rotary = rotary_cos_sin(seq_len, self.head_dim, self.rotary_base, device=device)
-            self._rotary_key = key
-        return self._rotary
-
-    def _core(self, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt=None):
-        if self.context_parallel or cu_seqlens_bt is not None:  # (config refuses dropout here)
-            return context_parallel_attention(q_bnsd, k_bgsd, v_bgsd, self.cp_comm_type, cu_seqlens_bt,
-                                              backend=self.backend)
-        if not (self.training and self.dropout_p > 0):
-            return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, backend=self.backend)
-        with random.model_parallel_rng():  # this rank's heads: its own dropout stream
-            return attention(q_bnsd, k_bgsd, v_bgsd, causal=True, dropout_p=self.dropout_p,
-                             backend=self.backend)
-
-    def forward(self, x_sbh, inference_cache=None, context=None):
-        """context: (rotary tables from the tokens' position ids or None, cu_seqlens [b, t] or None)."""
-        rotary, cu_seqlens_bt = context or (None, None)
-        q, k, v = self.linear_qkv(x_sbh)                               # [s, b, n·d], [s, b, g·d] x2
-        s, b = q.shape[:2]
-        q_sbnd, k_sbgd = q.reshape(s, b, self.n_local, self.head_dim), k.reshape(s, b, self.g_local, self.head_dim)
-        if hasattr(self, "q_layernorm"):  # QK-norm: each head over its d features, before RoPE
-            q_sbnd, k_sbgd = self.q_layernorm(q_sbnd), self.k_layernorm(k_sbgd)
-        q_bnsd, k_bgsd = q_sbnd.permute(1, 2, 0, 3), k_sbgd.permute(1, 2, 0, 3)
-        v_bgsd = v.reshape(s, b, self.g_local, self.head_dim).permute(1, 2, 0, 3)
-        if self.rope and rotary is not None:  # each token's own position (CP chunks, reset positions)
-            q_bnsd = apply_rotary(q_bnsd, *rotary, backend=self.backend)
-            k_bgsd = apply_rotary(k_bgsd, *rotary, backend=self.backend)
-        elif self.rope:
-            # With a cache these s tokens sit at positions offset..offset+s-1 of a longer sequence.
-            offset = inference_cache.offset if inference_cache is not None else 0
-            table_len = inference_cache.max_length if inference_cache is not None else s
-            cos_sd, sin_sd = (t[offset:offset + s] for t in self._rotary_tables(table_len, q.device))
-            q_bnsd = apply_rotary(q_bnsd, cos_sd, sin_sd, backend=self.backend)
-            k_bgsd = apply_rotary(k_bgsd, cos_sd, sin_sd, backend=self.backend)
-        if inference_cache is not None:  # generation: attend over every cached token, new ones included
-            k_bgsd, v_bgsd = inference_cache.update(self, k_bgsd, v_bgsd)
-            out_bnsd = attention(q_bnsd, k_bgsd, v_bgsd, causal=k_bgsd.shape[2] == s, backend=self.backend)
-        elif self.recompute_core and self.training:
-            # Selective recompute: attention's activations are the largest and cheapest to redo.
-            out_bnsd = random.checkpoint(self._core, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt)
-        else:
-            out_bnsd = self._core(q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt)
-        out_sbh = out_bnsd.permute(2, 0, 1, 3).reshape(s, b, self.n_local * self.head_dim)
-        return self.linear_proj(out_sbh)
 
 
 class TransformerLayer(nn.Module):
@@ -129,7 +48,7 @@ class TransformerLayer(nn.Module):
         self.layer_number = layer_number  # global, 0-based: names and initial values follow it
         output_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
         self.input_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
-        self.self_attention = SelfAttention(cfg, output_std)
+        self.self_attention = build_attention(cfg, output_std)  # standard or multi-latent (model/spec.py)
         self.pre_mlp_norm = build_norm(m.normalization, m.hidden_size, m.norm_epsilon, m.norm_backend, sp)
         self.mlp = build_mlp(cfg, layer_number, output_std)  # dense MLP or MoE (model/spec.py)
         self.hidden_dropout, self.sequence_parallel = m.hidden_dropout, sp
@@ -249,8 +168,7 @@ class GPTModel(nn.Module):
             pos = position_ids_bs[0] if bool((position_ids_bs == position_ids_bs[:1]).all()) else position_ids_bs
             if pos.dim() == 1 and torch.equal(pos, torch.arange(pos.numel(), device=pos.device)):
                 return None if cu_seqlens_bt is None else (None, cu_seqlens_bt)  # 0..s-1: cached tables
-            head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-            rotary = rotary_cos_sin(pos.shape[-1], head_dim, m.rotary_base, device=pos.device, position_ids=pos)
+            rotary = rotary_tables(m, pos.shape[-1], pos.device, position_ids=pos)
         return None if rotary is None and cu_seqlens_bt is None else (rotary, cu_seqlens_bt)
 
     def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None,

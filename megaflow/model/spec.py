@@ -1,5 +1,7 @@
-"""Layer spec: which MLP a transformer layer gets. --moe-layer-freq marks the MoE layers; every other
-layer (and every layer of a dense model) gets the dense MLP. The model file learns nothing about routing."""
+"""Layer spec: which attention and which MLP a transformer layer gets. --multi-latent-attention picks
+MLA (model/mla.py) over standard attention (model/attention.py); --moe-layer-freq marks the MoE layers,
+every other layer (and every layer of a dense model) gets the dense MLP. The model file learns nothing
+about routing or latents."""
 from __future__ import annotations
 
 from torch import nn
@@ -18,3 +20,11 @@ def build_mlp(cfg, layer_number: int, output_std: float) -> nn.Module:
         from megaflow.layers.moe import MoELayer
         return MoELayer(cfg, layer_number, output_std)
     return MLP(cfg, output_std)
+
+
+def build_attention(cfg, output_std: float) -> nn.Module:
+    if cfg.model.multi_latent_attention:
+        from megaflow.model.mla import MultiLatentAttention
+        return MultiLatentAttention(cfg, output_std)
+    from megaflow.model.attention import SelfAttention
+    return SelfAttention(cfg, output_std)
