@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaflow.kernels.attention import attention
-from megaflow.kernels.dispatch import resolve_backend
 from megaflow.kernels.rope import YarnScaling, apply_rotary, rotary_cos_sin, yarn_softmax_scale_factor
 from megaflow.layers import ColumnParallelLinear, RowParallelLinear, build_norm
 from megaflow.layers.context_attention import context_parallel_attention
@@ -95,12 +94,11 @@ class AttentionCore(nn.Module):
     def attend(self, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt=None, cached=False):
         """Causal attention; `cached`: the keys are the cache's (every earlier token plus the new ones)."""
         dqk, dv = q_bnsd.shape[-1], v_bgsd.shape[-1]
-        plain_sdpa = not (self.context_parallel or cu_seqlens_bt is not None) and \
-            resolve_backend(self.backend, q_bnsd, optional_package="flash_attn") == "torch"
-        if dqk == dv or plain_sdpa:
+        if dqk == dv:
             return self._attend(q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt, cached)
-        # The fused kernels take one head dimension for q, k and v (MLA's differ): zero features add
-        # nothing to scores or outputs, so pad to the larger one and cut the output back.
+        # The fused kernels take one head dimension for q, k and v (MLA's differ; torch's CPU SDPA would
+        # fall back to its math path, which keeps the s×s probabilities): zero features add nothing to
+        # scores or outputs, so pad to the larger one and cut the output back.
         width, scale = max(dqk, dv), self.softmax_scale or dqk ** -0.5
         pad = lambda t: F.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         return self._attend(pad(q_bnsd), pad(k_bgsd), pad(v_bgsd), cu_seqlens_bt, cached, scale)[..., :dv]

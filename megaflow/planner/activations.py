@@ -47,6 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
+from megaflow.model.attention import rotary_dim
 from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
 
 DEVICES = ("cpu", "cuda")
@@ -125,6 +126,11 @@ def weight_copies(cfg: Config, D: dict) -> dict:
     m, h = cfg.model, D["h"]
     q_local, f_local = m.num_attention_heads * D["d"] // D["tp"], D["f"]
     row = h * q_local + h * f_local                       # projection and FC2
+    if m.multi_latent_attention:  # its projections are all F.linear: the replicated down-projections,
+        n, r, qk = D["n"], m.kv_lora_rank, m.qk_head_dim + m.qk_pos_emb_head_dim  # the column ones unless SP
+        row = h * n * m.v_head_dim + h * f_local + h * (r + m.qk_pos_emb_head_dim)
+        up = n * (m.qk_head_dim + m.v_head_dim) * r + (n * qk * (m.q_lora_rank or h))
+        row += (0 if D["sp"] else up) + (m.q_lora_rank * h if m.q_lora_rank else 0)
     gelu_fc1 = 0 if (D["sp"] or m.swiglu) else f_local * h
     return {"weight copies": 2 * (row + gelu_fc1)}
 
@@ -162,13 +168,49 @@ def _attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict
     return {"qkv output": qkv, "rope outputs": rope + tables, "attention output": out, "logsumexp": lse}, 0.0
 
 
+def _latent(cfg: Config, device: str, D: dict, rank: int, produced: int) -> float:
+    """An MLA latent (model/mla.py): its RMSNorm (input, normalised input, rstd; CPU autocast casts a
+    16-bit input to fp32 and keeps the copy, else the input is a view of the down-projection's output
+    of width `produced`) and the up-projection's input, the norm output (cast by F.linear under
+    autocast; the local shard as produced under SP)."""
+    ts, a = D["ts"], D["a"]
+    nb = 4 if (device == "cpu" and D["a"] == 2) else a
+    kept_input = 4 * ts * rank if nb != a else a * ts * produced
+    norm = kept_input + (nb * ts * rank if device == "cpu" else 0) + 4 * ts
+    return norm + (nb if (D["sp"] or not D["autocast"]) else a) * ts * rank
+
+
+def _mla_attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[dict, float]:
+    """Multi-latent attention between the down-projections' input and the output projection: the
+    latents, then q, k and v with every head's key whole and the value padded to the query/key width
+    w (model/attention.py) — the attention kernel keeps the padded tensors; the projection input is
+    the cut-back output (a copy when padded)."""
+    m = cfg.model
+    a, t, s, b, n = D["a"], D["t"], D["s"], D["b"], D["n"]
+    qk, dv, r, dr = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim, m.kv_lora_rank, m.qk_pos_emb_head_dim
+    w = max(qk, dv)
+    terms = {"kv latent": _latent(cfg, device, D, r, r + dr)}
+    if m.q_lora_rank is not None:
+        terms["q latent"] = _latent(cfg, device, D, m.q_lora_rank, m.q_lora_rank)
+    qkv, proj = 3 * a * t * n * w, a * t * n * dv
+    math = device == "cpu" and m.attention_dropout > 0
+    internals = (3 * 4 * t * n * w + 3 * 4 * b * n * s * s) if math else a * t * n * w + 4 * b * n * s
+    if selective:
+        return dict(terms, **{"attention inputs": qkv, "attention output": proj}), internals
+    if math:
+        return dict(terms, **{"attention math": internals, "projection input": proj}), 0.0
+    return dict(terms, **{"attention inputs": qkv, "attention output and lse": internals,
+                          "projection input": proj if dv != w else 0}), 0.0
+
+
 def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
     """(saved bytes by name, recompute extra) of one transformer layer for one micro-batch."""
     m = cfg.model
     D = _dims(cfg)
     a, t, f = D["a"], D["t"], D["f"]
     selective = m.recompute_granularity == "selective"
-    attn, extra = _attention(cfg, device, D, selective)
+    attend = _mla_attention if m.multi_latent_attention else _attention
+    attn, extra = attend(cfg, device, D, selective)
     if m.swiglu:
         mlp = (4 if device == "cpu" else 3) * a * t * f
     else:
@@ -190,7 +232,7 @@ def rope_tables(cfg: Config, device: str = "cpu") -> float:
         return 0.0
     if device == "cpu" and (cfg.training.bf16 or cfg.training.fp16):
         return 0.0  # the 16-bit copies are saved instead (per micro-batch, in the layer's terms)
-    return 2 * 4 * cfg.data.seq_length * head_dim(cfg)
+    return 2 * 4 * cfg.data.seq_length * rotary_dim(cfg.model)
 
 
 def embedding_terms(cfg: Config, device: str = "cpu") -> dict:

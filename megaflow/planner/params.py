@@ -6,7 +6,8 @@ buffers are laid out in), with the attributes the buffers care about. It mirrors
 layers/: the dry run cross-checks it against a model built on the meta device, and the tests against
 real models, name by name.
 
-Symbols: h hidden, nq/ng attention heads/query groups, d head dim, f ffn, V padded vocabulary, tp.
+Symbols: h hidden, nq/ng attention heads/query groups, d head dim, f ffn, V padded vocabulary, tp;
+multi-latent attention: r the KV latent's rank, qk the query/key head width.
 """
 from __future__ import annotations
 
@@ -81,6 +82,26 @@ def _mlp(cfg: Config, prefix: str, f: int) -> list[Param]:
     return out
 
 
+def _mla_parameters(cfg: Config, prefix: str) -> list[Param]:
+    """Multi-latent attention (model/mla.py): replicated down-projections and latent norms (RMSNorm),
+    column-parallel up-projections, the row-parallel output projection."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h, n, r, qk = m.hidden_size, m.num_attention_heads, m.kv_lora_rank, m.qk_head_dim + m.qk_pos_emb_head_dim
+    if m.q_lora_rank is None:
+        out = [Param(prefix + "linear_q_proj.weight", n * qk // tp * h)]
+    else:
+        out = [Param(prefix + "linear_q_down_proj.weight", m.q_lora_rank * h),
+               Param(prefix + "q_layernorm.weight", m.q_lora_rank),
+               Param(prefix + "linear_q_up_proj.weight", n * qk // tp * m.q_lora_rank)]
+    out += [Param(prefix + "linear_kv_down_proj.weight", (r + m.qk_pos_emb_head_dim) * h),
+            Param(prefix + "kv_layernorm.weight", r),
+            Param(prefix + "linear_kv_up_proj.weight", n * (m.qk_head_dim + m.v_head_dim) // tp * r),
+            Param(prefix + "linear_proj.weight", h * (n * m.v_head_dim // tp))]
+    if m.add_bias_linear:
+        out.append(Param(prefix + "linear_proj.bias", h))
+    return out
+
+
 def is_moe_layer(cfg: Config, number) -> bool:
     from megaflow.config import parse_layer_freq
     return number is not None and cfg.moe.num_experts is not None and \
@@ -96,6 +117,10 @@ def layer_parameters(cfg: Config, index: int, number: int | None = None) -> list
     bias = m.add_bias_linear
     p = f"layers.{index}."
     out = _norm(p + "input_norm", cfg)
+    if m.multi_latent_attention:
+        out += _mla_parameters(cfg, p + "self_attention.")
+        out += _norm(p + "pre_mlp_norm", cfg)
+        return out + (moe_parameters(cfg, p + "mlp.") if is_moe_layer(cfg, number) else _mlp(cfg, p + "mlp.", f))
     out.append(Param(p + "self_attention.linear_qkv.weight", (q + 2 * kv) // tp * h))
     if bias or m.add_qkv_bias:
         out.append(Param(p + "self_attention.linear_qkv.bias", (q + 2 * kv) // tp))

@@ -17,17 +17,27 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 
 def forward_flops_per_token(cfg: Config) -> float:
     m = cfg.model
-    h, s, ffn = m.hidden_size, cfg.data.seq_length, m.ffn_hidden_size
-    d = m.kv_channels or h // m.num_attention_heads
-    q, kv = m.num_attention_heads * d, m.num_query_groups * d
-    qkv_proj = 2 * h * (q + 2 * kv)
-    attention = 2 * 2 * s * q * 0.5           # QK^T and PV, causal: half the positions
-    out_proj = 2 * q * h
+    h, ffn = m.hidden_size, m.ffn_hidden_size
     mlp = _mlp_flops(h, ffn, m.swiglu)
     logits = 2 * h * cfg.padded_vocab_size
     moe_layers = _moe_layer_count(cfg)
-    dense = m.num_layers * (qkv_proj + attention + out_proj) + (m.num_layers - moe_layers) * mlp + logits
+    dense = m.num_layers * attention_flops_per_token(cfg) + (m.num_layers - moe_layers) * mlp + logits
     return dense + (moe_layers * moe_flops_per_token(cfg) if moe_layers else 0)
+
+
+def attention_flops_per_token(cfg: Config) -> float:
+    """One layer's attention: projections, then QK^T and PV over the causal half of the positions.
+    Multi-latent attention counts its down- and up-projections (model/mla.py) and its own head widths."""
+    m = cfg.model
+    h, s, n = m.hidden_size, cfg.data.seq_length, m.num_attention_heads
+    if m.multi_latent_attention:
+        qk, v, r = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim, m.kv_lora_rank
+        q_proj = 2 * h * n * qk if m.q_lora_rank is None else 2 * h * m.q_lora_rank + 2 * m.q_lora_rank * n * qk
+        kv_proj = 2 * h * (r + m.qk_pos_emb_head_dim) + 2 * r * n * (m.qk_head_dim + v)
+        return q_proj + kv_proj + 2 * s * n * (qk + v) * 0.5 + 2 * n * v * h
+    d = m.kv_channels or h // n
+    q, kv = n * d, m.num_query_groups * d
+    return 2 * h * (q + 2 * kv) + 2 * 2 * s * q * 0.5 + 2 * q * h
 
 
 def _mlp_flops(h: int, ffn: int, swiglu: bool) -> float:

@@ -20,6 +20,8 @@ from megaflow.planner.memory import model_state_bytes
 from megaflow.training.step import autocast_context, train_step
 
 VOCAB = 500
+MLA = dict(multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8,
+           v_head_dim=12)   # DeepSeek-V3's attention (replicated latents, column-parallel up-projections)
 CONFIGS = {
     "tp_gpt2": dict(model_style="gpt2", tensor_model_parallel_size=2),
     "tp_gpt2_sp_selective": dict(model_style="gpt2", tensor_model_parallel_size=2, sequence_parallel=True,
@@ -40,13 +42,16 @@ CONFIGS = {
                                recompute_granularity="full"),
     "pp_llama_interleaved": dict(model_style="llama", pipeline_model_parallel_size=2, global_batch_size=8,
                                  num_layers_per_virtual_pipeline_stage=1, recompute_granularity="selective"),
+    "tp_mla_sp": dict(model_style="llama", tensor_model_parallel_size=2, sequence_parallel=True, **MLA),
+    "tp_mla_bf16": dict(model_style="llama", tensor_model_parallel_size=2, bf16=True, hidden_dropout=0.0,
+                        attention_dropout=0.0, **MLA),
 }
 
 
 def make_cfg(**kw):
     args = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=VOCAB,
                 hidden_dropout=0.1, attention_dropout=0.1, micro_batch_size=2, seed=3)
-    if kw.get("model_style") == "llama":
+    if kw.get("model_style") == "llama" and not kw.get("multi_latent_attention"):
         args.update(group_query_attention=True, num_query_groups=2)
     args.update(kw)
     cfg = config_from_kwargs(world_size=int(os.environ["WORLD_SIZE"]), **args)

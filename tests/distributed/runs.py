@@ -24,6 +24,13 @@ LLAMA = ["--model-style", "llama", "--num-layers", "4", "--hidden-size", "64", "
          "--lr", "3e-3", "--lr-warmup-iters", "1", "--weight-decay", "0.1", "--clip-grad", "0.05",
          "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4"]
 GPT2 = [a if a != "llama" else "gpt2" for a in LLAMA]
+# DeepSeek-V3's attention (issue 19): multi-latent, with a query latent and YaRN; its heads are sized by
+# their own flags and share keys through the latent, so no grouped-query flags.
+_MHA = LLAMA[:LLAMA.index("--group-query-attention")] + LLAMA[LLAMA.index("--num-query-groups") + 2:]
+MLA = _MHA + ["--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+              "--qk-pos-emb-head-dim", "8", "--v-head-dim", "12"]
+DEEPSEEK_MLA = MLA + ["--q-lora-rank", "24", "--rope-type", "yarn", "--rotary-scaling-factor", "4",
+                      "--original-max-position-embeddings", "16", "--mscale", "0.9", "--mscale-all-dim", "1.0"]
 VOCAB_TENSORS = ("word_embeddings.weight", "output_layer.weight")  # rows past cfg.vocab_size: padding
 
 

@@ -1,8 +1,8 @@
 """Context parallelism trains exactly like one process (fp32, same weights and data order): losses,
 every step's gradient norm, validation losses and final weights, for CP = 2 and CP = 4, each
 --cp-comm-type, on plain sequences and on packed documents (--reset-attention-mask
---reset-position-ids --eod-mask-loss, documents crossing the zigzag chunks), and ZeRO-2/3 sharded over
-CP2×DP2, in one 4-process launch;
+--reset-position-ids --eod-mask-loss, documents crossing the zigzag chunks), ZeRO-2/3 sharded over
+CP2×DP2, and multi-latent attention (packed at CP2, a2a at CP4), in one 4-process launch;
 and composed with TP2 + sequence parallelism and with PP2 × DP2 + ZeRO on 8 processes. Checkpoints
 change CP on resume (CP4 → CP1, CP1 → CP8): the continued runs equal the uninterrupted one and
 restore the data position and the random streams."""
@@ -17,7 +17,7 @@ import torch
 
 from megaflow.data.indexed_dataset import IndexedDatasetBuilder
 from megaflow.parallel import state
-from tests.distributed.runs import LLAMA, reference, run
+from tests.distributed.runs import DEEPSEEK_MLA, LLAMA, reference, run
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -25,9 +25,10 @@ COMMS = ("p2p", "a2a", "all_gather")
 PACKING = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 BASE = [a if a != "4" else "2" for a in LLAMA[:4]] + LLAMA[4:]   # LLAMA with 2 layers
 assert BASE[2:4] == ["--num-layers", "2"]
+MLA_BASE = DEEPSEEK_MLA[:3] + ["2"] + DEEPSEEK_MLA[4:]            # DeepSeek-V3's attention, 2 layers
 
 
-def packed_args(tmp):
+def packed_args(tmp, base=BASE):
     """BASE on a corpus of short documents (1-20 tokens + EOD; each counts up from a random token, so
     there is something to learn): every 32-token sample packs several."""
     prefix = str(tmp / "short_docs")
@@ -38,7 +39,7 @@ def packed_args(tmp):
             doc = np.append((rng.randint(0, 255) + np.arange(rng.randint(1, 21))) % 255, 255)  # EOD = 255
             b.add_document(doc, [len(doc)])
         b.finalize(prefix + ".idx")
-    args = [a for a in BASE if a != "--mock-data"]
+    args = [a for a in base if a != "--mock-data"]
     return args + ["--data-path", prefix, "--split", "98,1,1", "--data-cache-path", str(tmp / "cache")] + PACKING
 
 
@@ -59,6 +60,9 @@ ZERO_STAGES = {
     "cp2_dp2_zero3_packed": lambda tmp: packed_args(tmp) + ["--context-parallel-size", "2"] + ZERO
     + ["--zero-stage", "3"],
 }
+# Multi-latent attention through the ring (values padded to the query/key width, model/attention.py)
+MLA_CP = {"mla_cp2_packed": lambda tmp: packed_args(tmp, MLA_BASE) + ["--context-parallel-size", "2"],
+          "mla_cp4_a2a": lambda tmp: MLA_BASE + ["--context-parallel-size", "4", "--cp-comm-type", "a2a"]}
 
 
 def saving(ckpt):
@@ -89,7 +93,8 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refs(tmp):
-    return {"plain": reference(BASE), "packed": reference(packed_args(tmp))}
+    return {"plain": reference(BASE), "packed": reference(packed_args(tmp)), "mla": reference(MLA_BASE),
+            "mla_packed": reference(packed_args(tmp, MLA_BASE))}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +103,7 @@ def cp_results(tmp):
     configs = cp_configs(tmp, (2, 4))
     configs["save_cp4"] = BASE + ["--context-parallel-size", "4"] + saving(tmp / "ck_cp4")
     # ZeRO-2 and -3 shard over DP×CP (CP2 × DP2 here), as stage 1 does.
-    for name, args in ZERO_STAGES.items():
+    for name, args in {**ZERO_STAGES, **MLA_CP}.items():
         configs[name] = args(tmp)
     out, _ = launch(tmp, "four", 4, configs)
     return out
@@ -160,6 +165,11 @@ def test_zero_stages_shard_over_dp_and_cp(cp_results, refs, name):
     assert_same_training(cp_results[name], refs["packed" if name.endswith("packed") else "plain"])
     for r in cp_results[name]:
         assert r["memory"]["gradients"] < r["memory"]["num_parameters"] * 4 / 3   # shards of 4 (DP×CP)
+
+
+@pytest.mark.parametrize("name", list(MLA_CP))
+def test_multi_latent_attention_under_context_parallelism(cp_results, refs, name):
+    assert_same_training(cp_results[name], refs["mla_packed" if name.endswith("packed") else "mla"])
 
 
 @pytest.mark.parametrize("name,ref", [("tp2_cp2_sp_a2a", "plain"), ("cp2_pp2_dp2_zero_packed", "packed")])

@@ -3,7 +3,9 @@ process with the same weights and data — losses, every step's gradient norm, f
 EP=2 and EP=4, TP2×EP2 with sequence parallelism (experts whole, ETP=1, or split like the MLP,
 ETP=2), PP2×EP2×DP with ZeRO, and a second model (sigmoid router with expert bias and group-limited
 routing, sequence aux loss, a gated shared expert, a leading dense layer, capacity with padding,
-grouped GEMM, the all-gather dispatcher) at EP4 and at TP2×PP2×EP2 with ZeRO; ZeRO stages 2 and 3
+grouped GEMM, the all-gather dispatcher) at EP4 and at TP2×PP2×EP2 with ZeRO, and DeepSeek-V3's
+shape (multi-latent attention with YaRN, a dense first layer, sigmoid group-limited routing with expert
+bias, scaled weights and a shared expert) at TP2×PP2×EP2 with ZeRO; ZeRO stages 2 and 3
 shard the experts over expert-DP (EP2 at stage 2, PP2×EP2 and TP2×PP2×EP2 at stage 3). A checkpoint
 saved at EP=2 with ZeRO-3 continues at EP=4 (no ZeRO), at TP2×PP2×EP2 (ZeRO-1) and in one process,
 equal to the uninterrupted run.
@@ -20,7 +22,7 @@ import torch
 
 from megaflow.checkpoint.format import CheckpointReader
 from megaflow.parallel import state
-from tests.distributed.runs import LLAMA, run
+from tests.distributed.runs import DEEPSEEK_MLA, LLAMA, run
 from tests.launch import torchrun
 
 HERE = os.path.dirname(__file__)
@@ -37,6 +39,13 @@ MOE_B = LLAMA + BATCH + ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "-
                          "--moe-expert-capacity-factor", "1.0", "--moe-token-drop-policy", "position",
                          "--moe-pad-expert-input-to-capacity", "--moe-grouped-gemm",
                          "--moe-token-dispatcher-type", "allgather"]
+# DeepSeek-V3's shape: multi-latent attention, a leading dense layer, then its routing and shared expert.
+DEEPSEEK = DEEPSEEK_MLA + BATCH + ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "4",
+                                   "--moe-layer-freq", "([0]*1+[1]*3)", "--moe-router-score-function", "sigmoid",
+                                   "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
+                                   "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
+                                   "--moe-router-topk-scaling-factor", "2.5", "--moe-aux-loss-coeff", "0.001",
+                                   "--moe-shared-expert-intermediate-size", "64"]
 EP = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]
@@ -54,6 +63,7 @@ PARITY = {
     "ep2_zero2": MOE_A + EP(2) + Z(2),
     "pp2_ep2_zero3": MOE_A + PP2 + EP(2) + Z(3),
     "b_tp2_pp2_ep2_zero3": MOE_B + TP2_SP + PP2 + EP(2) + Z(3),
+    "ds_tp2_pp2_ep2_zero": DEEPSEEK + TP2_SP + PP2 + EP(2) + ZERO,
 }
 RESUMED = ["resume_ep4", "resume_tp2_pp2_ep2", "resume_ep1"]
 
@@ -80,7 +90,7 @@ def runs(tmp_path_factory):
     proc = torchrun(os.path.join(HERE, "layout_worker.py"), 8, [tmp, tmp / "configs.json"], timeout=900)
     out = {n: [torch.load(tmp / f"{n}.rank{r}.pt", weights_only=False) for r in range(8)] for n in configs}
     out["resume_ep1"] = [in_process(MOE_A + ["--load", ck])[0]]
-    refs = {"a": in_process(MOE_A)[0], "b": in_process(MOE_B)[0]}
+    refs = {"a": in_process(MOE_A)[0], "b": in_process(MOE_B)[0], "ds": in_process(DEEPSEEK)[0]}
     return out, refs, ck, proc.stdout
 
 
@@ -102,7 +112,7 @@ def _assert_same_training(ranks, ref, iterations):
 @pytest.mark.parametrize("name", list(PARITY))
 def test_expert_parallel_layout_equals_single_process(runs, name):
     out, refs, _, _ = runs
-    ref = refs["b" if name.startswith("b_") else "a"]
+    ref = refs[name.split("_")[0] if name.startswith(("b_", "ds_")) else "a"]
     _assert_same_training(out[name], ref, [1, 2, 3, 4])
     for r in out[name]:                                  # the norm counts every expert once
         assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
