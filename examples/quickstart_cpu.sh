@@ -11,25 +11,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
-mkdir -p "$OUT"
-
-[ -f "$OUT/corpus.jsonl" ] || python tools/make_corpus.py --output "$OUT/corpus.jsonl" --source docstrings --max-mb 4
-
-[ -f "$OUT/tokenizer/tokenizer.json" ] || python tools/train_tokenizer.py --input "$OUT/corpus.jsonl" \
-    --tokenizer-type HuggingFaceTokenizer --vocab-size 4096 --output "$OUT/tokenizer"
-
-[ -f "$OUT/stdlib_text_document.idx" ] || python tools/preprocess_data.py --input "$OUT/corpus.jsonl" \
-    --output-prefix "$OUT/stdlib" --tokenizer-type HuggingFaceTokenizer \
-    --tokenizer-model "$OUT/tokenizer/tokenizer.json" --append-eod --workers 2
+source examples/cpu_corpus.sh
 
 python pretrain_gpt.py \
     --model-style llama --num-layers 4 --hidden-size 256 --num-attention-heads 4 \
     --seq-length 128 --micro-batch-size 8 --global-batch-size 16 \
-    --data-path "$OUT/stdlib_text_document" --split 98,2,0 \
-    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$OUT/tokenizer/tokenizer.json" \
+    "${DATA_FLAGS[@]}" \
     --train-iters 400 --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20 \
     --hidden-dropout 0.0 --attention-dropout 0.0 --weight-decay 0.1 --clip-grad 1.0 \
-    --log-interval 10 --eval-interval 200 --eval-iters 4 --num-workers 1 \
+    --log-interval 10 --eval-interval 200 --eval-iters 4 \
     --save "$OUT/checkpoints" --save-interval 400 --tensorboard-dir "$OUT/tensorboard" "$@"
 
 python tools/generate.py --load "$OUT/checkpoints" --prompt "Return the" --max-new-tokens 24 --greedy

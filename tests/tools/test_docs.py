@@ -6,6 +6,7 @@
   bash examples/X, sbatch examples/X                run by tests/tools/test_examples.py
   pip install                                       only this project, its extras (setup.py), the CPU torch
   curl http://.../v1/...                            an endpoint tests/e2e/test_vllm_serving.py calls
+                                                    (itself or through tests/hf_helpers.py)
 Anything else fails here: add a rule (and a way to check it) before documenting a new kind of command.
 Placeholders (CKPT_DIR, [--optional N]) are fine where the command is not run."""
 import os
@@ -85,7 +86,9 @@ def test_documented_command(tmp_path, help_cache, path, tokens):
     if tool == "curl":
         url = next(a for a in argv[1:] if "/v1/" in a)
         endpoint = url[url.index("/v1/"):]
-        assert endpoint in open(os.path.join(ROOT, "tests/e2e/test_vllm_serving.py")).read(), endpoint
+        called = "".join(open(os.path.join(ROOT, f)).read() for f in ("tests/e2e/test_vllm_serving.py",
+                                                                       "tests/hf_helpers.py"))
+        assert endpoint in called, endpoint
         return
     assert tool in ("python", "torchrun"), f"{path}: no rule to check `{' '.join(tokens)}`"
     bin_dir = dry_run_path(tmp_path)

@@ -13,7 +13,8 @@ from tests.launchers import dry_run_path
 
 EXAMPLES = os.path.join(ROOT, "examples")
 COVERED = {"pretrain_llama3_8b.sh", "pretrain_llama3_8b.sbatch", "llama3_8b_flags.sh", "pretrain_gpt2_124m.sh",
-           "quickstart_cpu.sh"}
+           "quickstart_cpu.sh", "cpu_corpus.sh", "pretrain_qwen3_tiny_cpu.sh", "pretrain_deepseek_v3_tiny_cpu.sh",
+           "pretrain_qwen3_8b.sh", "pretrain_deepseek_v3.sh"}
 
 
 def run_example(tmp_path, script, env=None, vocab=None, args=()):
@@ -71,15 +72,38 @@ def test_gpt2_124m_on_one_node(tmp_path):
     assert "124,475,904 parameters" in proc.stdout
 
 
-def test_cpu_quickstart_flags(tmp_path):
-    out = tmp_path / "out"  # outputs of the data steps exist, so the script goes straight to training
+@pytest.mark.parametrize("script", ["quickstart_cpu.sh", "pretrain_qwen3_tiny_cpu.sh", "pretrain_deepseek_v3_tiny_cpu.sh"])
+def test_cpu_recipes_flags(tmp_path, script):
+    out = tmp_path / "out"  # outputs of the data steps (cpu_corpus.sh) exist: straight to training
     (out / "tokenizer").mkdir(parents=True)
     for name in ("corpus.jsonl", "tokenizer/tokenizer.json", "stdlib_text_document.idx"):
         (out / name).write_text("{}")
-    proc, launches = run_example(tmp_path, "quickstart_cpu.sh", vocab=4096)
+    proc, launches = run_example(tmp_path, script, vocab=4096)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 ranks = TP 1 x PP 1 x DP 1" in proc.stdout and "dry run OK" in proc.stdout
     assert "tool tools/generate.py flags=--load --prompt --max-new-tokens --greedy unknown=[]" in launches
+    if script != "quickstart_cpu.sh":                             # and the Hugging Face export
+        assert "tool tools/checkpoint/convert_to_hf.py flags=--load --save unknown=[]" in launches
+
+
+def test_qwen3_8b_on_4_nodes(tmp_path):
+    proc, launches = run_example(tmp_path, "pretrain_qwen3_8b.sh", {"MASTER_ADDR": "node0"}, vocab=151936)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun --nnodes=4 --nproc-per-node=8" in launches
+    assert "32 ranks = TP 2 x PP 1 x DP 16" in proc.stdout and "dry run OK" in proc.stdout
+    # transformers' Qwen3-8B shape has 8,190,735,360; the vocabulary padded for TP 2 (151936 -> 152064)
+    # adds 2 x 128 x 4096
+    assert "8,191,783,936 parameters" in proc.stdout
+
+
+def test_deepseek_v3_on_128_nodes(tmp_path):
+    proc, launches = run_example(tmp_path, "pretrain_deepseek_v3.sh", {"MASTER_ADDR": "node0"}, vocab=129280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun --nnodes=128 --nproc-per-node=8" in launches
+    assert "1024 ranks = TP 1 x PP 16 x DP 64" in proc.stdout and "dry run OK" in proc.stdout
+    assert "experts: 256 per MoE layer, 4 per EP rank" in proc.stdout
+    # transformers' DeepseekV3ForCausalLM at this shape has 671,026,404,352 parameters (no MTP layers)
+    assert "671,026,404,352 parameters" in proc.stdout
 
 
 @pytest.mark.parametrize("flag", ["--num-attention-heads 7", "--tensor-model-parallel-size 3"])

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# DeepSeek-V3-shaped (671B total, 37B active) pretraining on NNODES nodes x 8 GPUs (80 GB) with torchrun
+# and c10d rendezvous. Run the same command on every node:
+#
+#   MASTER_ADDR=node0.cluster NNODES=128 bash examples/pretrain_deepseek_v3.sh
+#
+# Layout (1024 GPUs): PP 16 with one layer on the first stage (the embedding's) and 4 on each other,
+# EP 64 (4 experts per rank), DP 64 with ZeRO-1, TP 1, full recompute, micro-batch 1. The planner,
+# with EP and PP fixed, ranks it first (Dec 2026):
+#
+#   python tools/estimate.py --gpus 1024 --gpu-memory-gib 80 --top 3 <MODEL flags below> \
+#       --expert-model-parallel-size 64 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 1 \
+#       --seq-length 4096 --vocab-size 129280 --global-batch-size 1536 --bf16 --attention-dropout 0 --hidden-dropout 0
+#   48 layouts evaluated for 1024 GPUs (8 per node, 80 GiB each); 16 fit in 76 GiB.
+#     #  TP SP CP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total |  step(s) tok/s/GPU  MFU% bubble
+#     1  1  -  1 16   -   64   Z1      full   1 |    9.6    9.6    5.5    3.3   27.9 |    8.302       740  18.7  0.38
+#     2  1  -  1 16   -   64    -      full   1 |    9.6    9.6   19.1    3.3   41.5 |    8.373       734  18.6  0.38
+#     3  1  -  1 16   -   64   Z1      full   2 |    7.4    7.4    2.8   14.4   32.0 |   11.256       546  13.8  0.56
+#
+# Parameters, gradients and optimizer state are exact (the dry run builds every stage on the meta
+X
+# (docs/moe.md, "Not yet"), so keep the headroom. Check any node count without GPUs:
+# python pretrain_gpt.py --dry-run --world-size N <these flags>. Override DATA, TOKENIZER and OUT;
+# extra arguments go to pretrain_gpt.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NNODES=${NNODES:-128}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:?set MASTER_ADDR to the address of one node (the rendezvous host)}
+MASTER_PORT=${MASTER_PORT:-29500}
+DATA=${DATA:-/data/deepseek/corpus_text_document}
+TOKENIZER=${TOKENIZER:-/data/deepseek/tokenizer}
+OUT=${OUT:-runs/deepseek-v3}
+
+MODEL=(--model-style llama --num-layers 61 --hidden-size 7168 --ffn-hidden-size 18432 --num-attention-heads 128
+       --multi-latent-attention --q-lora-rank 1536 --kv-lora-rank 512
+       --qk-head-dim 128 --qk-pos-emb-head-dim 64 --v-head-dim 128 --norm-epsilon 1e-6
+       --num-experts 256 --moe-ffn-hidden-size 2048 --moe-router-topk 8 --moe-layer-freq "([0]*3+[1]*58)"
+       --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3
+       --moe-router-num-groups 8 --moe-router-group-topk 4 --moe-router-topk-scaling-factor 2.5
+       --moe-shared-expert-intermediate-size 2048 --moe-aux-loss-coeff 0.0001 --moe-grouped-gemm
+       --seq-length 4096 --attention-dropout 0 --hidden-dropout 0)
+PARALLEL=(--expert-model-parallel-size 64 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 1
+          --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+          --recompute-granularity full --recompute-method uniform --recompute-num-layers 1
+          --distributed-timeout-minutes 20)
+TRAINING=(--micro-batch-size 1 --global-batch-size 1536 --train-iters 500000
+          --lr 2.2e-4 --min-lr 2.2e-5 --lr-decay-style cosine --lr-warmup-iters 2000
+          --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16 --device cuda)
+DATA_ARGS=(--data-path "$DATA" --split 990,9,1 --tokenizer-type HuggingFaceTokenizer
+           --tokenizer-model "$TOKENIZER" --num-workers 2)
+OUTPUT=(--save "$OUT/checkpoints" --save-interval 500 --log-interval 10 --eval-interval 1000
+        --eval-iters 10 --tensorboard-dir "$OUT/tensorboard")
+if [ -f "$OUT/checkpoints/latest_checkpointed_iteration.txt" ]; then
+    OUTPUT+=(--load "$OUT/checkpoints")   # resume after a failure: just launch again
+fi
+
+exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RUN_ID:-deepseek-v3}" \
+    --max-restarts 0 \
+    pretrain_gpt.py "${MODEL[@]}" "${PARALLEL[@]}" "${TRAINING[@]}" "${DATA_ARGS[@]}" "${OUTPUT[@]}" "$@"
