@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# DeepSeek-V3-shaped (671B total, 37B active) pretraining on NNODES nodes x 8 GPUs (80 GB) with torchrun
-# and c10d rendezvous. Run the same command on every node:
+# DeepSeek-V3-shaped pretraining (671B in the main model, 37B active per token, plus one
+# multi-token-prediction module) on NNODES nodes x 8 GPUs (80 GB) with torchrun and c10d rendezvous.
+# Run the same command on every node:
 #
 #   MASTER_ADDR=node0.cluster NNODES=128 bash examples/pretrain_deepseek_v3.sh
 #
 # Layout (1024 GPUs): PP 16 with one layer on the first stage (the embedding's) and 4 on each other,
-# EP 64 (4 experts per rank), DP 64 with ZeRO-1, TP 1, full recompute, micro-batch 1. The planner,
-# with EP and PP fixed, ranks it first (Dec 2026):
+# EP 64 (4 experts per rank), DP 64 with ZeRO-1, TP 1, full recompute, micro-batch 1; the MTP module
+# sits on the last stage. The planner, with EP and PP fixed, ranks it first (Dec 2026):
 #
 #   python tools/estimate.py --gpus 1024 --gpu-memory-gib 80 --top 3 <MODEL flags below> \
 #       --expert-model-parallel-size 64 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 1 \
 #       --seq-length 4096 --vocab-size 129280 --global-batch-size 1536 --bf16 --attention-dropout 0 --hidden-dropout 0
 #   48 layouts evaluated for 1024 GPUs (8 per node, 80 GiB each); 16 fit in 76 GiB.
 #     #  TP SP CP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total |  step(s) tok/s/GPU  MFU% bubble
-#     1  1  -  1 16   -   64   Z1      full   1 |    9.6    9.6    5.5    3.3   27.9 |    8.302       740  18.7  0.38
-#     2  1  -  1 16   -   64    -      full   1 |    9.6    9.6   19.1    3.3   41.5 |    8.373       734  18.6  0.38
-#     3  1  -  1 16   -   64   Z1      full   2 |    7.4    7.4    2.8   14.4   32.0 |   11.256       546  13.8  0.56
+#     1  1  -  1 16   -   64   Z1      full   1 |   14.9   14.9    6.9    7.1   43.8 |    8.787       699  18.4  0.38
+#     2  1  -  1 16   -   64    -      full   1 |   14.9   14.9   29.8    7.1   66.7 |    8.871       693  18.3  0.38
+#     3  1  -  1 16   -   64   Z1      full   2 |   14.9   14.9    6.9   11.8   48.5 |   11.736       524  13.8  0.56
 #
+# The last stage needs most (the MTP layer and a copy of the embeddings besides the output layer).
 # Parameters, gradients and optimizer state are exact (the dry run builds every stage on the meta
-X
-# (docs/moe.md, "Not yet"), so keep the headroom. Check any node count without GPUs:
+# device and agrees); MoE layers' activations are estimated as a dense MLP's (docs/moe.md, "Not yet"),
+# so keep the headroom. Check any node count without GPUs:
 # python pretrain_gpt.py --dry-run --world-size N <these flags>. Override DATA, TOKENIZER and OUT;
 # extra arguments go to pretrain_gpt.py.
 set -euo pipefail
@@ -39,6 +41,7 @@ MODEL=(--model-style llama --num-layers 61 --hidden-size 7168 --ffn-hidden-size 
        --moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 1e-3
        --moe-router-num-groups 8 --moe-router-group-topk 4 --moe-router-topk-scaling-factor 2.5
        --moe-shared-expert-intermediate-size 2048 --moe-aux-loss-coeff 0.0001 --moe-grouped-gemm
+       --mtp-num-layers 1 --mtp-loss-scaling-factor 0.3
        --seq-length 4096 --attention-dropout 0 --hidden-dropout 0)
 PARALLEL=(--expert-model-parallel-size 64 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 1
           --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather

@@ -45,7 +45,7 @@ def named_parameters(model):
     for chunk in model_chunks(model):
         for local, p in chunk.named_parameters():
             name = global_name(chunk, local)
-            yield name, p, local == "output_layer.weight" and name == "word_embeddings.weight"
+            yield name, p, name == "word_embeddings.weight" and local != name  # a later stage's copy
 
 
 def _writes(p, is_copy: bool, replicated_over_dp: bool) -> bool:

@@ -54,6 +54,9 @@ class ModelConfig:
     beta_slow: float = _f(1.0, "YaRN: rotations per context below which frequencies are interpolated")
     mscale: float = _f(1.0, "YaRN: attention temperature coefficient")
     mscale_all_dim: float = _f(0.0, "YaRN: attention temperature coefficient over all dimensions (DeepSeek)")
+    mtp_num_layers: Optional[int] = _f(None, "multi-token prediction (DeepSeek-V3): extra modules on the last stage, "
+                                              "the k-th predicting the token k+1 ahead")
+    mtp_loss_scaling_factor: float = _f(0.1, "weight of the mean multi-token-prediction loss in the training loss")
     init_method_std: float = _f(0.02, "std of the normal init")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
     hidden_dropout: float = _f(0.1, "dropout on residual branches and embeddings")
@@ -68,8 +71,14 @@ class ModelConfig:
 
 
 def validate_attention(cfg, need) -> None:
-    """Multi-latent attention and YaRN checks (called from config/validation.py)."""
+    """Multi-latent attention, YaRN and multi-token-prediction checks (called from config/validation.py)."""
     m = cfg.model
+    if m.mtp_num_layers is not None:
+        need(m.mtp_num_layers >= 1, "--mtp-num-layers must be at least 1 (leave it unset for none)")
+        need(m.mtp_loss_scaling_factor >= 0, "--mtp-loss-scaling-factor must be non-negative")
+        need(cfg.parallel.context_parallel_size == 1,
+             "--mtp-num-layers shifts the sequence by whole tokens; context parallelism splits it into zigzag "
+             "chunks: drop one of --mtp-num-layers and --context-parallel-size")
     need(m.rope_type == "rope" or m.position_embedding_type == "rope",
          "--rope-type yarn scales RoPE: it needs --position-embedding-type rope (or --model-style llama)")
     if m.rope_type == "yarn":

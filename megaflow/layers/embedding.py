@@ -33,16 +33,30 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids):
         """ids [...] -> embeddings [..., h]; the reduction over TP happens in the caller's mapping."""
-        if state.get().tp_size == 1:
-            return F.embedding(ids, self.weight)
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-        local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight)
-        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return _lookup(self.weight, ids)
 
     def forward_reduced(self, ids, sequence_parallel: bool = False):
         """Lookup followed by the sum over TP ranks; ids are [s, b] when sequence_parallel."""
         out = self(ids)  # through __call__: forward hooks (ZeRO parameter all-gather) must run
-        if sequence_parallel:
-            return mappings.reduce_scatter_to_sequence_parallel_region(out)
-        return mappings.reduce_from_tensor_parallel_region(out)
+        return _reduce(out, sequence_parallel)
+
+
+def _lookup(weight, ids):
+    st = state.get()
+    if st.tp_size == 1:
+        return F.embedding(ids, weight)
+    start = st.tp_rank * weight.shape[0]
+    outside = (ids < start) | (ids >= start + weight.shape[0])
+    out = F.embedding((ids - start).masked_fill(outside, 0), weight)
+    return out.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+def _reduce(out, sequence_parallel: bool):
+    if sequence_parallel:
+        return mappings.reduce_scatter_to_sequence_parallel_region(out)
+    return mappings.reduce_from_tensor_parallel_region(out)
+
+
+def vocab_parallel_lookup(weight, ids, sequence_parallel: bool = False):
+    """forward_reduced with another vocabulary-parallel table [vocab/tp, h] (a tied output layer's)."""
+    return _reduce(_lookup(weight, ids), sequence_parallel)

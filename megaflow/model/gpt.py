@@ -34,7 +34,9 @@ from megaflow.config import Config
 from megaflow.layers.linear import column_parallel_matmul
 from megaflow.layers.mlp import MLP  # noqa: F401  (re-exported: its home was this file)
 from megaflow.layers import ColumnParallelLinear, VocabParallelCrossEntropy, VocabParallelEmbedding, build_norm
+from megaflow.layers.embedding import vocab_parallel_lookup
 from megaflow.model.attention import SelfAttention, rotary_tables  # noqa: F401  (SelfAttention: re-exported)
+from megaflow.model.mtp import MultiTokenPrediction
 from megaflow.model.spec import build_attention, build_mlp
 from megaflow.parallel import mappings, random, state
 
@@ -103,7 +105,9 @@ class GPTModel(nn.Module):
                                                           unpadded_vocab_size=true_vocab)
             # Tied, with the output layer on a later stage: that stage holds a copy (below); the two
             # gradients are summed over the embedding group (optim/grads.py).
-            self.word_embeddings.weight.shared_embedding = self.share_embeddings and not post_process
+            # Multi-token prediction on a later stage keeps a copy too, tied or not (model/mtp.py).
+            self.word_embeddings.weight.shared_embedding = (self.share_embeddings or bool(m.mtp_num_layers)) \
+                and not post_process
             if m.position_embedding_type == "learned_absolute":
                 self.position_embeddings = nn.Embedding(m.max_position_embeddings, m.hidden_size,
                                                         device=st.device)
@@ -125,6 +129,14 @@ class GPTModel(nn.Module):
                 self.output_layer.weight.shared_embedding = self.share_embeddings
                 self.output_layer.weight.vocab_rows = true_vocab
             self.lm_loss = VocabParallelCrossEntropy(true_vocab, label_smoothing=m.label_smoothing)
+            if m.mtp_num_layers:  # multi-token prediction (model/mtp.py) on the last stage
+                if not pre_process and not self.share_embeddings:
+                    # It embeds tokens too: a copy of the word embeddings, kept equal to the first
+                    # stage's through the embedding group, as a tied output layer is.
+                    self.mtp_embeddings = VocabParallelEmbedding(vocab, m.hidden_size, m.init_method_std,
+                                                                 unpadded_vocab_size=true_vocab)
+                    self.mtp_embeddings.weight.shared_embedding = True
+                self.mtp = MultiTokenPrediction(cfg)
         self.recompute = m.recompute_granularity == "full"
         self.recompute_method, self.recompute_num_layers = m.recompute_method or "uniform", \
             m.recompute_num_layers or 1
@@ -171,14 +183,29 @@ class GPTModel(nn.Module):
             rotary = rotary_tables(m, pos.shape[-1], pos.device, position_ids=pos)
         return None if rotary is None and cu_seqlens_bt is None else (rotary, cu_seqlens_bt)
 
+    def _logits(self, x_sbh):
+        if hasattr(self, "output_layer"):
+            return self.output_layer(x_sbh)
+        return column_parallel_matmul(x_sbh, self.word_embeddings.weight, sequence_parallel=self.sequence_parallel)
+
+    def _embed_tokens(self, ids_sb):
+        """Word embeddings of ids [s, b] on the last stage (multi-token prediction): the model's own
+        table, its copy, or the tied output layer's copy of it."""
+        if hasattr(self, "word_embeddings"):
+            return self.word_embeddings.forward_reduced(ids_sb, sequence_parallel=self.sequence_parallel)
+        if hasattr(self, "mtp_embeddings"):
+            return self.mtp_embeddings.forward_reduced(ids_sb, sequence_parallel=self.sequence_parallel)
+        return vocab_parallel_lookup(self.output_layer.weight, ids_sb, self.sequence_parallel)
+
     def forward(self, input_ids_bs=None, position_ids_bs=None, labels_bs=None, hidden_sbh=None,
-                inference_cache=None, cu_seqlens_bt=None):
+                inference_cache=None, cu_seqlens_bt=None, loss_mask_bs=None):
         """First stage: input ids -> hidden. Middle: hidden -> hidden. Last stage: -> logits, or the
         per-token loss [b, s] when labels are given. With an inference_cache (inference/cache.py) the
         tokens continue the cached ones: keys/values are appended and positions start after them.
         position_ids_bs are the tokens' positions (any stage: RoPE rotates by them; under context
         parallelism they are this rank's zigzag chunks); cu_seqlens_bt [b, t] the packed documents'
-        boundaries (attention stays inside each document)."""
+        boundaries (attention stays inside each document). loss_mask_bs: which labels count, for the
+        multi-token-prediction losses (trained only when given, in training mode)."""
         if inference_cache is not None and position_ids_bs is None and self.pre_process:
             position_ids_bs = inference_cache.position_ids(input_ids_bs)
         x_sbh = self.embed(input_ids_bs, position_ids_bs) if self.pre_process else hidden_sbh
@@ -188,15 +215,14 @@ class GPTModel(nn.Module):
             inference_cache.advance(x_sbh.shape[0])
         if not self.post_process:
             return x_sbh
-        x_sbh = self.final_norm(x_sbh)
-        if hasattr(self, "output_layer"):
-            logits_sbv = self.output_layer(x_sbh)
-        else:
-            logits_sbv = column_parallel_matmul(x_sbh, self.word_embeddings.weight,
-                                                sequence_parallel=self.sequence_parallel)
+        logits_sbv = self._logits(self.final_norm(x_sbh))
         if labels_bs is None:
             return self.lm_loss.mask_padding(logits_sbv).transpose(0, 1)
-        return self.lm_loss(logits_sbv, labels_bs.t()).t()
+        loss_bs = self.lm_loss(logits_sbv, labels_bs.t()).t()
+        if hasattr(self, "mtp") and self.training and loss_mask_bs is not None:
+            loss_bs = self.mtp.attach_loss(loss_bs, x_sbh, labels_bs, loss_mask_bs, self._embed_tokens,
+                                           self._logits, self.lm_loss, context)
+        return loss_bs
 
 
 def _run_chunk(layers, x, context=None):

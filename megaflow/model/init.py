@@ -28,6 +28,8 @@ def global_name(model: nn.Module, local_name: str) -> str:
         return f"layers.{number}." + local_name[match.end():]
     if local_name == "output_layer.weight" and getattr(model, "share_embeddings", False):
         return "word_embeddings.weight"
+    if local_name == "mtp_embeddings.weight":  # the last stage's copy for multi-token prediction
+        return "word_embeddings.weight"
     return local_name
 
 

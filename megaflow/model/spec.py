@@ -11,8 +11,9 @@ from megaflow.layers.mlp import MLP
 
 
 def is_moe_layer(cfg, layer_number: int) -> bool:
-    e = cfg.moe
-    return e.num_experts is not None and parse_layer_freq(e.moe_layer_freq, cfg.model.num_layers)[layer_number] == 1
+    """Multi-token-prediction layers (numbers past the model's) take the last layer's MLP, as Megatron does."""
+    e, n = cfg.moe, cfg.model.num_layers
+    return e.num_experts is not None and parse_layer_freq(e.moe_layer_freq, n)[min(layer_number, n - 1)] == 1
 
 
 def build_mlp(cfg, layer_number: int, output_std: float) -> nn.Module:

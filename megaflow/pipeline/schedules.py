@@ -42,7 +42,8 @@ def forward_step(model, batch, autocast_ctx, hidden_sbh=None):
     with autocast_ctx():
         out = model(batch["tokens"].to(device) if pre else None,
                     batch["position_ids"].to(device) if pre else None,
-                    labels_bs=batch["labels"].to(device) if post else None, hidden_sbh=hidden_sbh)
+                    labels_bs=batch["labels"].to(device) if post else None, hidden_sbh=hidden_sbh,
+                    loss_mask_bs=batch["loss_mask"].to(device) if post else None)
     return microbatch_loss(out.float(), batch["loss_mask"].to(device)) if post else out
 
 

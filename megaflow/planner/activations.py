@@ -312,7 +312,28 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
     if post:
         terms = head_terms(cfg, device)
         segs.append(Segment("output", sum(terms.values()), terms=terms))
+        for k in range(m.mtp_num_layers or 0):
+            terms = mtp_terms(cfg, device)
+            segs.append(Segment(f"multi-token prediction {k + 1}", sum(terms.values()), terms=terms))
     return segs
+
+
+def mtp_terms(cfg: Config, device: str = "cpu") -> dict:
+    """One multi-token-prediction module (model/mtp.py), never recomputed: its token ids' embedding,
+    the norms of the hidden state and of the embedding, the projection's input (their concatenation),
+    a transformer layer with its own RoPE tables, its final norm, logits and loss as the main head's
+    (the output layer's 16-bit weight copy is autocast's cached one), and the shifted loss mask."""
+    D = _dims(cfg)
+    layer, _ = layer_terms(cfg, device)
+    embedding = {k: v for k, v in embedding_terms(cfg, device).items() if k == "token ids"}
+    cat = (D["a"] if D["autocast"] else D["r"]) * D["ts"] * 2 * D["h"]
+    head = {k: v for k, v in head_terms(cfg, device).items() if k != "autocast weight copy"}
+    # The hidden state's norm keeps the same input as the final norm before it (the main head's or the
+    # previous module's), unless it casts it first.
+    shared = D["r"] * D["ts"] * D["h"] if _norm_bytes(cfg, device, D) == D["r"] else 0.0
+    return {**embedding, "mtp norms": 2 * _norm(cfg, device, D) - shared, "mtp projection input": cat,
+            **{f"mtp layer {k}": v for k, v in layer.items()}, "mtp layer rope tables": rope_tables(cfg, device),
+            **{f"mtp {k}": v for k, v in head.items()}, "mtp loss mask": 4 * D["t"]}
 
 
 def chunk_peak(segs: list[Segment]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ class Param:
     shared_embedding: bool = False  # the tied embedding, split between the first and last stage
     expert: bool = False           # an MoE expert's weight: own buffer, reduced/sharded over expert-DP
     trainable: bool = True         # False: frozen (the MoE expert bias), in no gradient buffer
+    replicated: bool = False       # whole on every TP rank though not a norm or bias (MLA's down-projections)
 
 
 def head_dim(cfg: Config) -> int:
@@ -90,10 +91,10 @@ def _mla_parameters(cfg: Config, prefix: str) -> list[Param]:
     if m.q_lora_rank is None:
         out = [Param(prefix + "linear_q_proj.weight", n * qk // tp * h)]
     else:
-        out = [Param(prefix + "linear_q_down_proj.weight", m.q_lora_rank * h),
+        out = [Param(prefix + "linear_q_down_proj.weight", m.q_lora_rank * h, replicated=True),
                Param(prefix + "q_layernorm.weight", m.q_lora_rank),
                Param(prefix + "linear_q_up_proj.weight", n * qk // tp * m.q_lora_rank)]
-    out += [Param(prefix + "linear_kv_down_proj.weight", (r + m.qk_pos_emb_head_dim) * h),
+    out += [Param(prefix + "linear_kv_down_proj.weight", (r + m.qk_pos_emb_head_dim) * h, replicated=True),
             Param(prefix + "kv_layernorm.weight", r),
             Param(prefix + "linear_kv_up_proj.weight", n * (m.qk_head_dim + m.v_head_dim) // tp * r),
             Param(prefix + "linear_proj.weight", h * (n * m.v_head_dim // tp))]
@@ -104,8 +105,9 @@ def _mla_parameters(cfg: Config, prefix: str) -> list[Param]:
 
 def is_moe_layer(cfg: Config, number) -> bool:
     from megaflow.config import parse_layer_freq
+    n = cfg.model.num_layers
     return number is not None and cfg.moe.num_experts is not None and \
-        parse_layer_freq(cfg.moe.moe_layer_freq, cfg.model.num_layers)[number] == 1
+        parse_layer_freq(cfg.moe.moe_layer_freq, n)[min(number, n - 1)] == 1   # MTP layers: the last one's
 
 
 def layer_parameters(cfg: Config, index: int, number: int | None = None) -> list[Param]:
@@ -145,7 +147,8 @@ def stage_parameters(cfg: Config, pp_rank: int, v: int = 0) -> list[Param]:
     tied = not m.untie_embeddings_and_output_weights
     out = []
     if pre:
-        out.append(Param("word_embeddings.weight", vocab // tp * h, shared_embedding=tied and not post))
+        out.append(Param("word_embeddings.weight", vocab // tp * h,
+                         shared_embedding=(tied or bool(m.mtp_num_layers)) and not post))
         if m.position_embedding_type == "learned_absolute":
             out.append(Param("position_embeddings.weight", m.max_position_embeddings * h))
     for i, number in enumerate(stage_layer_numbers(cfg, pp_rank, v)):
@@ -154,6 +157,27 @@ def stage_parameters(cfg: Config, pp_rank: int, v: int = 0) -> list[Param]:
         out += _norm("final_norm", cfg)
         if not (tied and pre):
             out.append(Param("output_layer.weight", vocab // tp * h, shared_embedding=tied))
+        if m.mtp_num_layers:
+            out += mtp_parameters(cfg, pre)
+    return out
+
+
+def mtp_parameters(cfg: Config, pre: bool) -> list[Param]:
+    """Multi-token prediction (model/mtp.py) on the last stage: an embedding copy when the stage has
+    none (untied, PP > 1), then per module two norms, the replicated 2h -> h projection, a transformer
+    layer like the model's last one, its final norm."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    h = m.hidden_size
+    out = []
+    if not pre and m.untie_embeddings_and_output_weights:
+        out.append(Param("mtp_embeddings.weight", cfg.padded_vocab_size // tp * h, shared_embedding=True))
+    for k in range(m.mtp_num_layers):
+        p = f"mtp.layers.{k}."
+        out += _norm(p + "enorm", cfg) + _norm(p + "hnorm", cfg)
+        out.append(Param(p + "eh_proj.weight", 2 * h * h, replicated=True))
+        out += [Param(p + "layer." + q.name[len("layers.0."):], q.numel, q.shared_embedding, q.expert, q.trainable,
+                      q.replicated) for q in layer_parameters(cfg, 0, m.num_layers + k)]
+        out += _norm(p + "final_norm", cfg)
     return out
 
 
@@ -173,12 +197,14 @@ def total_parameters(cfg: Config, active: bool = False) -> int:
     for rank in range(pp):
         for chunk in rank_parameters(cfg, rank):
             for p in chunk:
-                if (p.name == "output_layer.weight" and p.shared_embedding) or not p.trainable:
-                    continue  # the last stage's copy of the tied embedding; the frozen expert bias
+                if (p.name in ("output_layer.weight", "mtp_embeddings.weight") and p.shared_embedding) \
+                        or not p.trainable:
+                    continue  # the last stage's copies of the embedding; the frozen expert bias
                 if p.expert:
                     total += p.numel * etp * ep * (share if active else 1.0)
                     continue
-                replicated = p.name.endswith(("norm.weight", "norm.bias", "proj.bias", "fc2.bias", "router.weight",
-                                              "gate_weight")) or p.name == "position_embeddings.weight"
+                replicated = p.replicated or p.name.endswith(("norm.weight", "norm.bias", "proj.bias", "fc2.bias",
+                                                              "router.weight", "gate_weight")) \
+                    or p.name == "position_embeddings.weight"
                 total += p.numel * (1 if replicated else tp)
     return int(round(total))

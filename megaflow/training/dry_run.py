@@ -122,6 +122,15 @@ def memory_report(cfg: Config, device: str) -> list[str]:
     return lines
 
 
+def _attention_summary(cfg) -> str:
+    m = cfg.model
+    if m.multi_latent_attention:
+        q = f"query latent {m.q_lora_rank}, " if m.q_lora_rank else ""
+        return (f"multi-latent: {q}KV latent {m.kv_lora_rank}, query/key dim {m.qk_head_dim} + "
+                f"{m.qk_pos_emb_head_dim} rotary, value dim {m.v_head_dim}")
+    return f"query groups {m.num_query_groups}, head dim {head_dim(cfg)}"
+
+
 def _moe_summary(cfg: Config) -> str:
     e, p = cfg.moe, cfg.parallel
     if e.num_experts is None:
@@ -142,9 +151,10 @@ def dry_run(cfg: Config) -> str:
     bubble = (pp - 1) / (vs * mbs + pp - 1) if pp > 1 else 0.0
     lines = ["megaflow dry run: nothing allocated, no process group, no data read",
              f"model: {m.model_style} style, {m.num_layers} layers, hidden {m.hidden_size}, heads "
-             f"{m.num_attention_heads} (query groups {m.num_query_groups}, head dim {head_dim(cfg)}), ffn "
+             f"{m.num_attention_heads} ({_attention_summary(cfg)}), ffn "
              f"{m.ffn_hidden_size}, vocabulary {vocab} (from the {source}) padded to {cfg.padded_vocab_size}: "
-             f"{total_parameters(cfg):,} parameters" + _moe_summary(cfg),
+             f"{total_parameters(cfg):,} parameters" + _moe_summary(cfg)
+             + (f"; {m.mtp_num_layers} multi-token-prediction module(s) on the last stage" if m.mtp_num_layers else ""),
              f"batch: global {t.global_batch_size} = micro-batch {t.micro_batch_size} x {mbs} micro-batches x DP "
              f"{cfg.data_parallel_size}, sequence {cfg.data.seq_length}"
              + (f"; pipeline bubble {bubble:.1%}" if pp > 1 else "")]

@@ -3,6 +3,7 @@
 Counted: every GEMM (2 FLOPs per multiply-add), attention scores and values with causal masking
 counted at half, the logits GEMM on the padded vocabulary; backward = 2× forward, so a step is 3×
 forward. MoE layers count their active parameters only (router, top-k experts, shared expert).
+Multi-token prediction modules count like one more layer each, plus their projection and logits.
 Not counted: norms, activations, softmax, optimizer, and activation recompute (MFU counts the model's
 work, not the engine's).
 """
@@ -22,7 +23,12 @@ def forward_flops_per_token(cfg: Config) -> float:
     logits = 2 * h * cfg.padded_vocab_size
     moe_layers = _moe_layer_count(cfg)
     dense = m.num_layers * attention_flops_per_token(cfg) + (m.num_layers - moe_layers) * mlp + logits
-    return dense + (moe_layers * moe_flops_per_token(cfg) if moe_layers else 0)
+    total = dense + (moe_layers * moe_flops_per_token(cfg) if moe_layers else 0)
+    if m.mtp_num_layers:  # each module: its 2h -> h projection, a layer like the last one, the logits
+        from megaflow.model.spec import is_moe_layer
+        last = moe_flops_per_token(cfg) if is_moe_layer(cfg, m.num_layers - 1) else mlp
+        total += m.mtp_num_layers * (2 * 2 * h * h + attention_flops_per_token(cfg) + last + logits)
+    return total
 
 
 def attention_flops_per_token(cfg: Config) -> float:

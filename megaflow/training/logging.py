@@ -40,6 +40,7 @@ def iteration_line(it: int, train_iters: int, m: dict) -> str:
               f" global batch size: {m['global_batch_size']:5d}"]
     if m.get("lm_loss") is not None:
         parts.append(f" lm loss: {m['lm_loss']:.6E}")
+    parts += [f" mtp_{k} loss: {v:.6E}" for k, v in enumerate(m.get("mtp") or [], start=1)]
     parts += [f" loss scale: {m['loss_scale']:.1f}"]
     if m.get("grad_norm") is not None:
         parts.append(f" grad norm: {m['grad_norm']:.3f}")

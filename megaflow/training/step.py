@@ -68,7 +68,8 @@ def _forward_step(model, batch, autocast_ctx, hidden_sbh=None):
     with autocast_ctx():
         out = model(batch["tokens"].to(device) if pre else None, batch["position_ids"].to(device),
                     labels_bs=batch["labels"].to(device) if post else None, hidden_sbh=hidden_sbh,
-                    cu_seqlens_bt=None if cu is None else cu.to(device))
+                    cu_seqlens_bt=None if cu is None else cu.to(device),
+                    loss_mask_bs=batch["loss_mask"].to(device) if post else None)
     if not post:
         return out
     return microbatch_loss(out.float(), batch["loss_mask"].to(device)) * batch["loss_weight"]

@@ -23,6 +23,7 @@ from megaflow.parallel import flight_recorder, health, state
 from megaflow.parallel.random import model_parallel_seed
 from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.layers.moe import collect_stats as collect_moe_stats
+from megaflow.model.mtp import collect_stats as collect_mtp_losses
 from megaflow.training import logging as log
 from megaflow.training import restart
 from megaflow.training.faults import Faults
@@ -44,6 +45,7 @@ class TrainResult:
     consumed_samples: int = 0
     losses: dict = field(default_factory=dict)        # iteration -> lm loss (logging rank)
     moe_stats: dict = field(default_factory=dict)     # iteration -> MoE statistics of the log line
+    mtp_losses: dict = field(default_factory=dict)    # iteration -> each MTP module's loss (log line)
     valid_losses: dict = field(default_factory=dict)  # iteration -> validation loss
     skipped_iterations: int = 0
     stopped_early: bool = False
@@ -272,11 +274,15 @@ class _Trainer:
         m["moe"] = moe_stats = collect_moe_stats(self.model, self.cfg)  # a collective: every rank logs
         if moe_stats is not None:
             self.result.moe_stats[it] = moe_stats
+        m["mtp"] = mtp_losses = collect_mtp_losses(self.model, self.cfg)  # a collective too
+        if mtp_losses is not None:
+            self.result.mtp_losses[it] = mtp_losses
         log.print_rank_last(log.iteration_line(it, self.train_iters, m))
         self.tb.scalars(it, {"learning-rate": m["lr"], "batch-size": t.global_batch_size,
                              "lm loss": m["lm_loss"], "loss-scale": step.loss_scale, "grad-norm": step.grad_norm,
                              "iteration-time": per_iter, "throughput": tflops,
-                             "tokens-per-second": m["tokens_per_second"], **log.moe_scalars(moe_stats)})
+                             "tokens-per-second": m["tokens_per_second"], **log.moe_scalars(moe_stats),
+                             **{f"mtp_{k} loss": v for k, v in enumerate(mtp_losses or [], start=1)}})
 
     def _evaluate_and_check(self) -> bool:
         t, it = self.cfg.training, self.result.iteration

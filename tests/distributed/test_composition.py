@@ -9,7 +9,8 @@ runs are equal on the real rows, and every padding row stays exactly 0. Qwen3 (Q
 over the head dimension, whose gradient every TP rank's heads contribute to) and Qwen2 (Q/K/V biases)
 train alike, at ZeRO-1 + SP and ZeRO-3, and so does DeepSeek-V3's multi-latent attention (latents
 replicated across TP, its shared positional key's gradient summed over the ranks' heads): with a query
-latent and YaRN at ZeRO-1 + SP, without at ZeRO-3 interleaved."""
+latent and YaRN at ZeRO-1 + SP, without at ZeRO-3 interleaved; multi-token prediction (two modules
+at ZeRO-1 + SP, one on a tied GPT-2 at ZeRO-3) too."""
 import json
 import os
 
@@ -26,6 +27,9 @@ ZERO = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param
 SP, INTERLEAVED = ["--sequence-parallel"], ["--num-layers-per-virtual-pipeline-stage", "1"]
 ZERO3 = ["--use-distributed-optimizer", "--zero-stage", "3"]
 QWEN2, QWEN3 = LLAMA + ["--add-qkv-bias"], LLAMA + ["--qk-layernorm"]   # issue 19's families
+# Multi-token prediction on the last stage: untied, it embeds with its own copy of the first stage's
+# table; tied (GPT-2), with the output layer's copy.
+MTP, GPT2_MTP = LLAMA + ["--mtp-num-layers", "2"], GPT2 + ["--mtp-num-layers", "1"]
 RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 CONFIGS = {
     "plain": LLAMA + GRID,
@@ -40,12 +44,15 @@ CONFIGS = {
     "qwen2_zero3": QWEN2 + GRID + ZERO3,
     "deepseek_zero1_sp": DEEPSEEK_MLA + GRID + ZERO + SP,
     "mla_zero3_interleaved": MLA + GRID + ZERO3 + INTERLEAVED,
+    "mtp_zero1_sp": MTP + GRID + ZERO + SP,
+    "gpt2mtp_zero3": GPT2_MTP + GRID + ZERO3,
 }
 # Adam divides each gradient by its own running scale, so fp32 rounding in a near-zero gradient shows
 # in the step: in the MLA runs one word-embedding entry of 19,200 ends 1.9e-6 and 2.4e-6 off (the next
 # worst 6e-8 and 1e-6) while losses, norms and every other weight agree; the MoE tests allow 5e-6 too.
 ATOL = {"deepseek_zero1_sp": 5e-6, "mla_zero3_interleaved": 5e-6}
-REFERENCES = {"llama": LLAMA, "gpt2": GPT2, "qwen3": QWEN3, "qwen2": QWEN2, "deepseek": DEEPSEEK_MLA, "mla": MLA}
+REFERENCES = {"llama": LLAMA, "gpt2": GPT2, "qwen3": QWEN3, "qwen2": QWEN2, "deepseek": DEEPSEEK_MLA, "mla": MLA,
+              "mtp": MTP, "gpt2mtp": GPT2_MTP}
 
 
 @pytest.fixture(scope="module")

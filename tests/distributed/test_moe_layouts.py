@@ -5,7 +5,7 @@ ETP=2), PP2×EP2×DP with ZeRO, and a second model (sigmoid router with expert b
 routing, sequence aux loss, a gated shared expert, a leading dense layer, capacity with padding,
 grouped GEMM, the all-gather dispatcher) at EP4 and at TP2×PP2×EP2 with ZeRO, and DeepSeek-V3's
 shape (multi-latent attention with YaRN, a dense first layer, sigmoid group-limited routing with expert
-bias, scaled weights and a shared expert) at TP2×PP2×EP2 with ZeRO; ZeRO stages 2 and 3
+bias, scaled weights and a shared expert, multi-token prediction) at TP2×PP2×EP2 with ZeRO; ZeRO stages 2 and 3
 shard the experts over expert-DP (EP2 at stage 2, PP2×EP2 and TP2×PP2×EP2 at stage 3). A checkpoint
 saved at EP=2 with ZeRO-3 continues at EP=4 (no ZeRO), at TP2×PP2×EP2 (ZeRO-1) and in one process,
 equal to the uninterrupted run.
@@ -39,13 +39,14 @@ MOE_B = LLAMA + BATCH + ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "-
                          "--moe-expert-capacity-factor", "1.0", "--moe-token-drop-policy", "position",
                          "--moe-pad-expert-input-to-capacity", "--moe-grouped-gemm",
                          "--moe-token-dispatcher-type", "allgather"]
-# DeepSeek-V3's shape: multi-latent attention, a leading dense layer, then its routing and shared expert.
+# DeepSeek-V3's shape: multi-latent attention, a leading dense layer, then its routing and shared expert,
+# and a multi-token-prediction module (an MoE layer too) on the last stage.
 DEEPSEEK = DEEPSEEK_MLA + BATCH + ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-topk", "4",
                                    "--moe-layer-freq", "([0]*1+[1]*3)", "--moe-router-score-function", "sigmoid",
                                    "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
                                    "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
                                    "--moe-router-topk-scaling-factor", "2.5", "--moe-aux-loss-coeff", "0.001",
-                                   "--moe-shared-expert-intermediate-size", "64"]
+                                   "--moe-shared-expert-intermediate-size", "64", "--mtp-num-layers", "1"]
 EP = lambda n: ["--expert-model-parallel-size", str(n)]  # noqa: E731
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]

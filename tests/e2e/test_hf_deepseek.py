@@ -1,7 +1,8 @@
 """DeepSeek-V3 ⇄ Hugging Face: tiny trained megaflow checkpoints with multi-latent attention export to a
 folder transformers loads as DeepseekV3ForCausalLM, with the same logits (fp32, ≤1e-4) and greedy
 continuation: one with DeepSeek-V3's whole shape (query latent, YaRN, a leading dense layer, then MoE
-layers with sigmoid routing, expert bias, group-limited choice, scaled weights and a shared expert),
+layers with sigmoid routing, expert bias, group-limited choice, scaled weights and a shared expert, and a
+multi-token-prediction module, kept in megaflow's checkpoint and dropped on export as transformers has none),
 one dense without a query latent and with plain RoPE. Importing the folder back at TP=2 × PP=2 and
 exporting again gives identical tensors; models DeepSeek-V3 cannot express are refused."""
 import json
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from megaflow.checkpoint.convert import export_to_hf, import_from_hf, training_flags
+from megaflow.checkpoint.format import CheckpointReader
 from megaflow.checkpoint.hf import ConversionError, hf_architecture
 from megaflow.config import parse_args
 from megaflow.inference.generation import generate, load_inference_model
@@ -28,7 +30,7 @@ ROUTING = ["--num-experts", "8", "--moe-ffn-hidden-size", "32", "--moe-router-to
            "--moe-router-enable-expert-bias", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2",
            "--moe-shared-expert-intermediate-size", "64", "--moe-router-topk-scaling-factor", "2.5",
            "--moe-aux-loss-coeff", "0.001"]
-DEEPSEEK_V3 = MLA + ["--q-lora-rank", "48"] + YARN + ROUTING
+DEEPSEEK_V3 = MLA + ["--q-lora-rank", "48"] + YARN + ROUTING + ["--mtp-num-layers", "1"]
 MODELS = {"v3": DEEPSEEK_V3, "dense": MLA}
 
 
@@ -51,6 +53,9 @@ def test_export_matches_transformers(exported, name):
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     if name == "v3":
         assert hf_config["first_k_dense_replace"] == 1 and hf_config["rope_parameters"]["rope_type"] == "yarn"
+        # The multi-token-prediction module stays in megaflow's checkpoint; transformers has none.
+        assert any(n.startswith("mtp.layers.0.") for n in CheckpointReader(str(root / "ckpt")).names("model"))
+        assert hf_config["num_nextn_predict_layers"] == 0 and len(hf.model.layers) == 4
         assert type(hf.model.layers[0].mlp).__name__ == "DeepseekV3MLP"
         assert hf.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0   # trained, exported
     cfg, model = load_inference_model(str(root / "ckpt"))

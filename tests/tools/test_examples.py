@@ -102,8 +102,11 @@ def test_deepseek_v3_on_128_nodes(tmp_path):
     assert "torchrun --nnodes=128 --nproc-per-node=8" in launches
     assert "1024 ranks = TP 1 x PP 16 x DP 64" in proc.stdout and "dry run OK" in proc.stdout
     assert "experts: 256 per MoE layer, 4 per EP rank" in proc.stdout
-    # transformers' DeepseekV3ForCausalLM at this shape has 671,026,404,352 parameters (no MTP layers)
-    assert "671,026,404,352 parameters" in proc.stdout
+    # transformers' DeepseekV3ForCausalLM at this shape has 671,026,404,352 parameters (it has no MTP); the
+    # MTP module adds a layer like transformers' MoE decoder layer (11,507,286,016 at this shape), two
+    # norms, its final norm and its 2h -> h projection
+    mtp = 11_507_286_016 + 3 * 7168 + 2 * 7168 * 7168
+    assert f"{671_026_404_352 + mtp:,} parameters" in proc.stdout
 
 
 @pytest.mark.parametrize("flag", ["--num-attention-heads 7", "--tensor-model-parallel-size 3"])

@@ -96,3 +96,19 @@ def test_megatron_sharding_strategy_is_the_zero_stage(strategy, sharded, stage):
 def test_contradictory_zero_flags_name_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
         parse_args(argv, world_size=2)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--model-style", "llama", "--multi-latent-attention", "--group-query-attention", "--num-query-groups", "2"],
+     "--group-query-attention"),
+    (["--model-style", "gpt2", "--multi-latent-attention"], "--position-embedding-type rope"),
+    (["--model-style", "llama", "--multi-latent-attention", "--qk-pos-emb-head-dim", "7"], "--qk-pos-emb-head-dim"),
+    (["--model-style", "gpt2", "--rope-type", "yarn"], "--rope-type yarn"),
+    (["--model-style", "llama", "--rope-type", "yarn", "--rotary-scaling-factor", "0.5"], "--rotary-scaling-factor"),
+    (["--model-style", "llama", "--mtp-num-layers", "0"], "--mtp-num-layers"),
+    (["--model-style", "llama", "--mtp-num-layers", "1", "--context-parallel-size", "2"], "--context-parallel-size"),
+])
+def test_model_family_flags_that_cannot_work_name_the_flag(argv, flag):
+    """Multi-latent attention, YaRN and multi-token prediction (issue 19): refused before anything runs."""
+    with pytest.raises(ConfigError, match=flag):
+        parse_args(argv, world_size=2)

@@ -27,6 +27,8 @@ def make_cfg(style="llama", world_size=1, **kw):
                 vocab_size=VOCAB, hidden_dropout=0.1, attention_dropout=0.1, micro_batch_size=2)
     if style == "llama":
         args.update(group_query_attention=True, num_query_groups=2)
+    if style == "mtp":   # two multi-token-prediction modules after a Llama
+        args.update(model_style="llama", group_query_attention=True, num_query_groups=2, mtp_num_layers=2)
     if style == "mla":   # DeepSeek-V3's attention; its value heads narrower than its query/key heads
         args.update(model_style="llama", multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16,
                     qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)
@@ -50,7 +52,8 @@ LAYOUTS = [dict(), dict(tensor_model_parallel_size=2), dict(tensor_model_paralle
            dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1)]
 
 
-@pytest.mark.parametrize("style,tied", [("gpt2", None), ("llama", None), ("llama", False), ("mla", None)])
+@pytest.mark.parametrize("style,tied", [("gpt2", None), ("llama", None), ("llama", False), ("mla", None),
+                                        ("mtp", None), ("mtp", False)])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: "-".join(f"{k[:6]}{v}" for k, v in d.items()) or "1")
 def test_parameter_lists_match_models_built_on_the_meta_device(style, tied, layout):
     world = layout.get("tensor_model_parallel_size", 1) * layout.get("pipeline_model_parallel_size", 1) * 2
@@ -60,7 +63,7 @@ def test_parameter_lists_match_models_built_on_the_meta_device(style, tied, layo
         assert check_parameters(cfg, r) > 0  # raises, naming both lists, when they differ
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama", "mla"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "mla", "mtp"])
 def test_parameter_count_and_list_match_a_real_model(style):
     cfg = make_cfg(style)
     model = build_model(cfg)
@@ -89,6 +92,7 @@ GRID = list(itertools.product(["gpt2", "llama"], [0.0, 0.1],
 GRID += [(style, drop, rc, precision) for style, drop, rc, precision in itertools.product(
     ["gpt2", "llama"], [0.0, 0.1], [None, "selective", "full"], ["bf16 autocast", "bf16 params"])]
 GRID += list(itertools.product(["mla"], [0.0, 0.1], [None, "selective", "full"], ["fp32", "bf16 autocast"]))
+GRID += list(itertools.product(["mtp"], [0.0, 0.1], [None, "full"], ["fp32", "bf16 autocast"]))
 PRECISION = {"fp32": {}, "bf16 autocast": {"bf16": True},
              "bf16 params": {"bf16": True, "low_precision_params": True}}
 

@@ -50,7 +50,7 @@ def collect_stats(model, cfg) -> dict | None:
     if cfg.moe.num_experts is None:
         return None
     st = state.get()
-    n, e = cfg.model.num_layers, cfg.moe.num_experts
+    n, e = cfg.model.num_layers + (cfg.model.mtp_num_layers or 0), cfg.moe.num_experts  # + MTP layers
     table = torch.zeros(n, e + 5, dtype=torch.float64, device=st.device)
     for m in moe_layers(model):
         row = table[m.layer_number]
