@@ -78,6 +78,8 @@ def to_deepseek_config(cfg, common: dict) -> dict:
                num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_attention_heads,
                q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
                qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, hidden_act="silu",
+               # As transformers writes them: vLLM sizes its RoPE by head_dim (the rotated part).
+               head_dim=m.qk_pos_emb_head_dim, qk_head_dim=m.qk_head_dim + m.qk_pos_emb_head_dim,
                rms_norm_eps=m.norm_epsilon, max_position_embeddings=m.max_position_embeddings,
                rope_theta=float(m.rotary_base), rope_parameters=rope, rope_scaling=legacy_rope, rope_interleave=True,
                attention_bias=False, attention_dropout=m.attention_dropout,
