@@ -13,19 +13,17 @@ with the model's own embedding Emb and output layer Out. The training loss gains
 has the labels, t_{i+1}, so t_{i+k} is the labels shifted by k−1 and the targets by k; positions whose
 target falls off the sequence (or is masked) do not count.
 
-Each module records its loss per micro-batch; collect_stats sums them over the job for the log line.
+Each module records its loss per micro-batch; training/mtp_stats.py sums them over the job for the log line.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaflow.layers import ReplicatedLinear, build_norm
 from megaflow.layers.moe import aux_loss
-from megaflow.parallel import state
 
 
 def shift_left(t_bs: torch.Tensor, k: int, fill=0) -> torch.Tensor:
@@ -82,29 +80,3 @@ class MultiTokenPrediction(nn.Module):
         self.stat_losses = step if self.stat_losses is None else self.stat_losses + step
         self.stat_microbatches += 1
         return aux_loss.attach(loss_bs, total * self.loss_weight)
-
-
-def mtp_modules(model) -> list:
-    chunks = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MultiTokenPrediction)]
-
-
-@torch.no_grad()
-def collect_stats(model, cfg) -> list | None:
-    """Each module's mean loss per micro-batch since the last call, over the job (a collective on all
-    ranks; every TP rank computes the same loss, so TP rank 0 counts), then reset. None without MTP."""
-    d = cfg.model.mtp_num_layers
-    if not d:
-        return None
-    st = state.get()
-    table = torch.zeros(d + 1, dtype=torch.float64, device=st.device)
-    for m in mtp_modules(model):
-        if st.tp_rank == 0 and m.stat_losses is not None:
-            table[:d] += m.stat_losses
-            table[d] += m.stat_microbatches
-        m.reset_stats()
-    if dist.is_initialized() and st.world_size > 1:
-        dist.all_reduce(table)
-    if table[d] == 0:
-        return None
-    return (table[:d] / table[d]).tolist()

@@ -23,7 +23,7 @@ from megaflow.parallel import flight_recorder, health, state
 from megaflow.parallel.random import model_parallel_seed
 from megaflow.pipeline.timeline import TimelineRecorder
 from megaflow.layers.moe import collect_stats as collect_moe_stats
-from megaflow.model.mtp import collect_stats as collect_mtp_losses
+from megaflow.training.mtp_stats import collect_stats as collect_mtp_losses
 from megaflow.training import logging as log
 from megaflow.training import restart
 from megaflow.training.faults import Faults
