@@ -12,16 +12,15 @@
 #   python tools/estimate.py --gpus 1024 --gpu-memory-gib 80 --top 3 <MODEL flags below> \
 #       --expert-model-parallel-size 64 --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 1 \
 #       --seq-length 4096 --vocab-size 129280 --global-batch-size 1536 --bf16 --attention-dropout 0 --hidden-dropout 0
-#   48 layouts evaluated for 1024 GPUs (8 per node, 80 GiB each); 16 fit in 76 GiB.
+#   48 layouts evaluated for 1024 GPUs (8 per node, 80 GiB each); 13 fit in 76 GiB.
 #     #  TP SP CP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total |  step(s) tok/s/GPU  MFU% bubble
-#     1  1  -  1 16   -   64   Z1      full   1 |   14.9   14.9    6.9    7.1   43.8 |    8.787       699  18.4  0.38
-#     2  1  -  1 16   -   64    -      full   1 |   14.9   14.9   29.8    7.1   66.7 |    8.871       693  18.3  0.38
-#     3  1  -  1 16   -   64   Z1      full   2 |   14.9   14.9    6.9   11.8   48.5 |   11.736       524  13.8  0.56
+#     1  1  -  1 16   -   64   Z1      full   1 |   14.9   14.9    6.9    8.0   44.8 |    8.787       699  18.4  0.38
+#     2  1  -  1 16   -   64    -      full   1 |   14.9   14.9   29.8    8.0   67.7 |    8.871       693  18.3  0.38
+#     3  1  -  1 16   -   64   Z1      full   2 |   14.9   14.9    6.9   13.6   50.4 |   11.736       524  13.8  0.56
 #
 # The last stage needs most (the MTP layer and a copy of the embeddings besides the output layer).
 # Parameters, gradients and optimizer state are exact (the dry run builds every stage on the meta
-# device and agrees); MoE layers' activations are estimated as a dense MLP's (docs/moe.md, "Not yet"),
-# so keep the headroom. Check any node count without GPUs:
+# device and agrees); activations assume balanced expert loads (docs/moe.md), so keep the headroom. Check any node count without GPUs:
 # python pretrain_gpt.py --dry-run --world-size N <these flags>. Override DATA, TOKENIZER and OUT;
 # extra arguments go to pretrain_gpt.py.
 set -euo pipefail

@@ -32,6 +32,11 @@ Per transformer layer:
     dropout (2)   on the projection / FC2 output (+ bias): cpu its dtype · ts·h, cuda ts·h
     MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: gate, up 2·a·t·f + silu(gate) +
                   product 2·a·t·f | cuda: gate, up + product 3·a·t·f
+MoE layers: the router's scores, choices and weights; the ts·k routed tokens in the GEMM dtype (a
+balanced load: every expert rank computes ts·k of them), each expert's MLP over them, the experts'
+weights in the GEMM dtype when grouped or autocast; the combine's indices, weights and outputs; a shared
+expert as a dense MLP (its gate: the fp32 output, gate and logit). Multi-latent attention and
+multi-token prediction: _mla_attention, mtp_terms.
 Context parallelism (CP) and packed documents: every figure above is per rank, so s is the sequence
 length / CP (this rank's zigzag chunks). Their attention (layers/context_attention.py) keeps q, k, v
 (a2a: after the all-to-all, kv heads repeated to n when g is not a multiple of CP), the fp32 output
@@ -48,7 +53,7 @@ from dataclasses import dataclass, field
 
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
 from megaflow.model.attention import rotary_dim
-from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
+from megaflow.planner.params import chunk_flags, head_dim, is_moe_layer, stage_layer_numbers
 
 DEVICES = ("cpu", "cuda")
 
@@ -117,7 +122,7 @@ def _dropout(p: float, device: str, D: dict, nbytes: int) -> float:
     return (nbytes if device == "cpu" else 1) * D["ts"] * D["h"]
 
 
-def weight_copies(cfg: Config, D: dict) -> dict:
+def weight_copies(cfg: Config, D: dict, moe: bool = False) -> dict:
     """Autocast over fp32 parameters: each F.linear keeps the 16-bit copy of its weight. The column
     layers with their own autograd Function (fused blocks: QKV and SwiGLU FC1; any under SP) cast
     inside it and keep only the fp32 parameter."""
@@ -125,6 +130,8 @@ def weight_copies(cfg: Config, D: dict) -> dict:
         return {}
     m, h = cfg.model, D["h"]
     q_local, f_local = m.num_attention_heads * D["d"] // D["tp"], D["f"]
+    if moe:  # the experts' copies are the MoE terms' "expert weights"; here only the shared expert's
+        f_local = (cfg.moe.moe_shared_expert_intermediate_size or 0) // D["tp"]
     row = h * q_local + h * f_local                       # projection and FC2
     if m.multi_latent_attention:  # its projections are all F.linear: the replicated down-projections,
         n, r, qk = D["n"], m.kv_lora_rank, m.qk_head_dim + m.qk_pos_emb_head_dim  # the column ones unless SP
@@ -203,25 +210,61 @@ def _mla_attention(cfg: Config, device: str, D: dict, selective: bool) -> tuple[
                           "projection input": proj if dv != w else 0}), 0.0
 
 
-def layer_terms(cfg: Config, device: str = "cpu") -> tuple[dict, float]:
-    """(saved bytes by name, recompute extra) of one transformer layer for one micro-batch."""
+def _mlp_bytes(cfg: Config, device: str, a: int, tokens: float, f: float) -> float:
+    """An MLP's own activations (what follows its FC1 input): GeLU 2·a·t·f; SwiGLU cpu 4·a·t·f, cuda 3·a·t·f."""
+    if cfg.model.swiglu:
+        return (4 if device == "cpu" else 3) * a * tokens * f
+    return 2 * a * tokens * f
+
+
+def _moe(cfg: Config, device: str, D: dict) -> dict:
+    """An MoE layer (layers/moe/) after its input (the router's and shared expert's, counted as the
+    dense FC1 input): the router's scores, choices and weights; the tokens permuted to their experts
+    (in the GEMM dtype), each expert's MLP over the ts·k routed tokens (balanced), the experts' weights
+    in the GEMM dtype when grouped or autocast (stacked, or F.linear's copies) with the grouped GEMM's
+    offsets; the combine's indices, weights and expert outputs; the shared expert's MLP and gate."""
+    e, m, p = cfg.moe, cfg.model, cfg.parallel
+    a, ts, h = D["a"], D["ts"], D["h"]
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    k, num = e.moe_router_topk, e.num_experts
+    local = num // p.expert_model_parallel_size
+    f = (e.moe_ffn_hidden_size or m.ffn_hidden_size) // etp
+    tk = ts * k * etp                    # routed tokens an expert rank computes (ETP ranks gather theirs)
+    blocks = 3 if m.swiglu else 2
+    stacked = e.moe_grouped_gemm or D["autocast"]
+    out = {"router": 4 * ts * num + 12 * ts * k + 4 * ts + 4 * num,
+           "dispatched tokens": 8 * tk + a * tk * h,
+           "experts": _mlp_bytes(cfg, device, a, tk, f),
+           "expert weights": a * local * blocks * f * h if stacked else 0,
+           "grouped gemm offsets": 4 * local * blocks if e.moe_grouped_gemm else 0,
+           "combine": 8 * tk + a * tk + a * tk * h}
+    if e.moe_shared_expert_intermediate_size:
+        out["shared expert"] = _mlp_bytes(cfg, device, a, D["t"], e.moe_shared_expert_intermediate_size // D["tp"])
+        if e.moe_shared_expert_gate:  # sigmoid(x·w) × output: the fp32 output, the gate and its logit
+            out["shared expert gate"] = 4 * ts * h + 2 * 4 * ts
+    return out
+
+
+def layer_terms(cfg: Config, device: str = "cpu", moe: bool = False) -> tuple[dict, float]:
+    """(saved bytes by name, recompute extra) of one transformer layer for one micro-batch; `moe`: its
+    MLP is an MoE layer (estimated for a balanced load; measured at EP = 1, TP = 1)."""
     m = cfg.model
     D = _dims(cfg)
     a, t, f = D["a"], D["t"], D["f"]
     selective = m.recompute_granularity == "selective"
     attend = _mla_attention if m.multi_latent_attention else _attention
     attn, extra = attend(cfg, device, D, selective)
-    if m.swiglu:
-        mlp = (4 if device == "cpu" else 3) * a * t * f
-    else:
-        mlp = 2 * a * t * f
+    mlp = _mlp_bytes(cfg, device, a, t, f)
     # The residual branch's output: 16-bit GEMM output, promoted to fp32 by an fp32 bias under autocast.
     branch = D["r"] if (D["autocast"] and m.add_bias_linear) else a
     terms = {"input norm": _norm(cfg, device, D), "qkv input": _column_input(cfg, device, D, blocks=True),
              **attn, "attention dropout mask": _dropout(m.hidden_dropout, device, D, branch),
              "pre-mlp norm": _norm(cfg, device, D), "fc1 input": _column_input(cfg, device, D, m.swiglu),
              "mlp": mlp,
-             "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D)}
+             "mlp dropout mask": _dropout(m.hidden_dropout, device, D, branch), **weight_copies(cfg, D, moe)}
+    if moe:
+        del terms["mlp"]
+        terms.update(_moe(cfg, device, D))
     return {k: v for k, v in terms.items() if v}, extra
 
 
@@ -270,7 +313,6 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
     m = cfg.model
     D = _dims(cfg)
     pre, post = chunk_flags(cfg, pp_rank, v)
-    n_layers = len(stage_layer_numbers(cfg, pp_rank, v))
     segs = []
     if positions_from_ids(cfg) and not (device == "cpu" and D["a"] != 4):
         # Tables from this micro-batch's position ids, saved (one storage) by every layer's RoPE.
@@ -279,33 +321,37 @@ def chunk_segments(cfg: Config, pp_rank: int, v: int = 0, device: str = "cpu") -
     if pre:
         terms = embedding_terms(cfg, device)
         segs.append(Segment("embedding", sum(terms.values()), terms=terms))
-    terms, core_extra = layer_terms(cfg, device)
-    layer = sum(terms.values())
+    numbers = stage_layer_numbers(cfg, pp_rank, v)
+    n_layers, moe = len(numbers), [is_moe_layer(cfg, number) for number in numbers]
+    by_kind = {kind: layer_terms(cfg, device, kind) for kind in set(moe)}
     x = D["r"] * D["ts"] * D["h"]  # a layer's (or a checkpointed chunk's) input
     # A recomputed layer's first norm keeps that same input, unless it first casts it (CPU RMSNorm of a
     # 16-bit residual): then the recompute's copy is new memory.
     shared = x if _norm_bytes(cfg, device, D) == D["r"] else 0.0
     rope = rope_tables(cfg, device)  # seen by autograd only when the layer is not checkpointed whole
+    layer_bytes = [sum(by_kind[kind][0].values()) for kind in moe]
     if m.recompute_granularity == "full":
         k = m.recompute_num_layers or 1
         if (m.recompute_method or "uniform") == "uniform":
             for start in range(0, n_layers, k):
                 size = min(k, n_layers - start)
+                chunk = sum(layer_bytes[start:start + size]) + size * rope
                 segs.append(Segment(f"layers {start}-{start + size - 1} (recomputed)", x,
-                                    extra=size * (layer + rope) - shared, terms={"chunk input": x}))
+                                    extra=chunk - shared, terms={"chunk input": x}))
         else:  # block: the first k layers checkpointed one by one, the rest kept
             for i in range(n_layers):
                 if i < k:
-                    segs.append(Segment(f"layer {i} (recomputed)", x, extra=layer + rope - shared,
+                    segs.append(Segment(f"layer {i} (recomputed)", x, extra=layer_bytes[i] + rope - shared,
                                         terms={"input": x}))
                 else:
-                    segs.append(Segment(f"layer {i}", layer, terms=terms))
+                    segs.append(Segment(f"layer {i}", layer_bytes[i], terms=by_kind[moe[i]][0]))
     else:
         # A layer's backward reaches core attention after the MLP and the projection have freed theirs:
         # only the front of the layer is still there when selective recompute brings the core back.
-        front = {k: v for k, v in terms.items() if k in ATTENTION_FRONT}
-        back = {k: v for k, v in terms.items() if k not in ATTENTION_FRONT}
         for i in range(n_layers):
+            terms, core_extra = by_kind[moe[i]]
+            front = {k: v for k, v in terms.items() if k in ATTENTION_FRONT}
+            back = {k: v for k, v in terms.items() if k not in ATTENTION_FRONT}
             segs.append(Segment(f"layer {i} up to core attention", sum(front.values()), extra=core_extra,
                                 terms=front))
             segs.append(Segment(f"layer {i} from the projection on", sum(back.values()), terms=back))
@@ -324,7 +370,7 @@ def mtp_terms(cfg: Config, device: str = "cpu") -> dict:
     a transformer layer with its own RoPE tables, its final norm, logits and loss as the main head's
     (the output layer's 16-bit weight copy is autocast's cached one), and the shifted loss mask."""
     D = _dims(cfg)
-    layer, _ = layer_terms(cfg, device)
+    layer, _ = layer_terms(cfg, device, is_moe_layer(cfg, cfg.model.num_layers))
     embedding = {k: v for k, v in embedding_terms(cfg, device).items() if k == "token ids"}
     cat = (D["a"] if D["autocast"] else D["r"]) * D["ts"] * 2 * D["h"]
     head = {k: v for k, v in head_terms(cfg, device).items() if k != "autocast weight copy"}

@@ -22,6 +22,8 @@ from megaflow.training.step import autocast_context, train_step
 VOCAB = 500
 MLA = dict(multi_latent_attention=True, q_lora_rank=24, kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8,
            v_head_dim=12)   # DeepSeek-V3's attention (replicated latents, column-parallel up-projections)
+MOE = dict(num_experts=4, moe_ffn_hidden_size=48, moe_router_topk=2, moe_aux_loss_coeff=0.01,
+           moe_layer_freq="([0]*1+[1]*3)")   # issue 17: activations of MoE layers, balanced load assumed
 CONFIGS = {
     "tp_gpt2": dict(model_style="gpt2", tensor_model_parallel_size=2),
     "tp_gpt2_sp_selective": dict(model_style="gpt2", tensor_model_parallel_size=2, sequence_parallel=True,
@@ -45,6 +47,9 @@ CONFIGS = {
     "tp_mla_sp": dict(model_style="llama", tensor_model_parallel_size=2, sequence_parallel=True, **MLA),
     "tp_mla_bf16": dict(model_style="llama", tensor_model_parallel_size=2, bf16=True, hidden_dropout=0.0,
                         attention_dropout=0.0, **MLA),
+    "tp_moe_sp": dict(model_style="llama", tensor_model_parallel_size=2, sequence_parallel=True, **MOE),
+    "ep_moe_gg": dict(model_style="llama", expert_model_parallel_size=2, moe_grouped_gemm=True, global_batch_size=4,
+                      **MOE),
 }
 
 
@@ -71,7 +76,8 @@ def run(name, out):
     cfg = make_cfg(**CONFIGS[name])
     p = cfg.parallel
     st = state.initialize(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, backend="gloo",
-                          timeout_minutes=2.0, device="cpu", virtual_pp=virtual_pipeline_size(cfg))
+                          timeout_minutes=2.0, device="cpu", virtual_pp=virtual_pipeline_size(cfg),
+                          ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size)
     m = cfg.training.global_batch_size // (cfg.training.micro_batch_size * cfg.data_parallel_size)
     model = build_model(cfg)
     measured = measure_step(model, batches(cfg, m), schedules.get_forward_backward_func(), m,

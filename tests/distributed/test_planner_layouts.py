@@ -1,6 +1,6 @@
 """The planner's per-rank predictions against measurements on 2 gloo ranks (planner_worker.py):
 activation peaks at TP = 2 with and without sequence parallelism (fp32 and bf16 autocast, recompute
-modes, multi-latent attention's replicated latents) and on each stage of 1F1B and interleaved PP = 2 schedules (micro-batches in flight), and the
+modes, multi-latent attention's replicated latents, MoE layers with TP2 + SP) and on each stage of 1F1B and interleaved PP = 2 schedules (micro-batches in flight), and the
 model-state bytes each rank's optimizer allocates."""
 import json
 import os

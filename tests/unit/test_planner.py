@@ -27,6 +27,12 @@ def make_cfg(style="llama", world_size=1, **kw):
                 vocab_size=VOCAB, hidden_dropout=0.1, attention_dropout=0.1, micro_batch_size=2)
     if style == "llama":
         args.update(group_query_attention=True, num_query_groups=2)
+    if style in ("moe", "moe_gg"):   # a leading dense layer, then MoE layers (issue 17)
+        args.update(model_style="llama", num_experts=4, moe_ffn_hidden_size=48, moe_router_topk=2,
+                    moe_aux_loss_coeff=0.01, moe_layer_freq="([0]*1+[1]*3)")
+    if style == "moe_gg":   # grouped GEMM, sigmoid router with expert bias, a gated shared expert
+        args.update(moe_grouped_gemm=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                    moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True)
     if style == "mtp":   # two multi-token-prediction modules after a Llama
         args.update(model_style="llama", group_query_attention=True, num_query_groups=2, mtp_num_layers=2)
     if style == "mla":   # DeepSeek-V3's attention; its value heads narrower than its query/key heads
@@ -93,6 +99,7 @@ GRID += [(style, drop, rc, precision) for style, drop, rc, precision in itertool
     ["gpt2", "llama"], [0.0, 0.1], [None, "selective", "full"], ["bf16 autocast", "bf16 params"])]
 GRID += list(itertools.product(["mla"], [0.0, 0.1], [None, "selective", "full"], ["fp32", "bf16 autocast"]))
 GRID += list(itertools.product(["mtp"], [0.0, 0.1], [None, "full"], ["fp32", "bf16 autocast"]))
+GRID += list(itertools.product(["moe", "moe_gg"], [0.0, 0.1], [None, "selective", "full"], ["fp32", "bf16 autocast"]))
 PRECISION = {"fp32": {}, "bf16 autocast": {"bf16": True},
              "bf16 params": {"bf16": True, "low_precision_params": True}}
 
