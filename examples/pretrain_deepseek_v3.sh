@@ -14,15 +14,18 @@
 #       --seq-length 4096 --vocab-size 129280 --global-batch-size 1536 --bf16 --attention-dropout 0 --hidden-dropout 0
 #   48 layouts evaluated for 1024 GPUs (8 per node, 80 GiB each); 13 fit in 76 GiB.
 #     #  TP SP CP PP VPP   DP ZeRO recompute MBS |  param   grad    opt    act  total |  step(s) tok/s/GPU  MFU% bubble
-#     1  1  -  1 16   -   64   Z1      full   1 |   14.9   14.9    6.9    8.0   44.8 |    8.787       699  18.4  0.38
-#     2  1  -  1 16   -   64    -      full   1 |   14.9   14.9   29.8    8.0   67.7 |    8.871       693  18.3  0.38
-#     3  1  -  1 16   -   64   Z1      full   2 |   14.9   14.9    6.9   13.6   50.4 |   11.736       524  13.8  0.56
+#     1  1  -  1 16   -   64   Z1      full   1 |   14.9   14.9    6.9    8.0   44.8 |   17.240       356   9.4  0.38
+#     2  1  -  1 16   -   64    -      full   1 |   14.9   14.9   29.8    8.0   67.7 |   17.398       353   9.3  0.38
+#     3  1  -  1 16   -   64    -      full   2 |   14.9   14.9   29.8   13.6   73.3 |   23.578       261   6.9  0.56
+#   predicted step 17.240 s (compute 5.036, ..., EP comm 5.339, bubble 38.5%, ...)
 #
-# The last stage needs most (the MTP layer and a copy of the embeddings besides the output layer).
+# The last stage needs most memory (the MTP layer and an embedding copy besides the output layer). The
+# expert all-to-alls across 8 nodes (EP comm, not overlapped in the model) take as long as the compute:
+# overlapping them with computation (as DeepSeek's DualPipe does) is not modelled or implemented here.
 # Parameters, gradients and optimizer state are exact (the dry run builds every stage on the meta
-# device and agrees); activations assume balanced expert loads (docs/moe.md), so keep the headroom. Check any node count without GPUs:
-# python pretrain_gpt.py --dry-run --world-size N <these flags>. Override DATA, TOKENIZER and OUT;
-# extra arguments go to pretrain_gpt.py.
+# device and agrees); activations assume balanced expert loads (docs/moe.md), so keep the headroom.
+# Check any node count without GPUs: python pretrain_gpt.py --dry-run --world-size N <these flags>.
+# Override DATA, TOKENIZER and OUT; extra arguments go to pretrain_gpt.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NNODES=${NNODES:-128}

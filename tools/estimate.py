@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         best = fitting[0]
         print(f"\nbest: {best.flags()}")
         print(f"      predicted step {best.time['step']:.3f} s (compute {best.time['compute']:.3f}, TP comm "
-              f"{best.time['tp_comm']:.3f}, CP comm {best.time['cp_comm']:.3f}, bubble {best.time['bubble_fraction']:.1%}, P2P {best.time['p2p']:.3f}, "
+              f"{best.time['tp_comm']:.3f}, CP comm {best.time['cp_comm']:.3f}, EP comm {best.time['ep_comm']:.3f}, "
+              f"bubble {best.time['bubble_fraction']:.1%}, P2P {best.time['p2p']:.3f}, "
               f"DP exposed {best.time['dp_grad'] + best.time['dp_param']:.3f}, optimizer "
               f"{best.time['optimizer']:.3f}); stage {best.memory['pp_rank']} holds "
               f"{best.memory['in_flight']} micro-batch(es) at its peak")

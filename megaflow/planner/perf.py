@@ -17,6 +17,9 @@
                 hand except the part longer than it; a2a 4 all-to-alls of q, k, v, o each way; all_gather
                 gathers K/V (forward and again in backward) and reduce-scatters fp32 dK/dV; not hidden.
                 DP gradients are reduced over DP×CP.
+    EP          MoE token dispatch per MoE layer and micro-batch, not overlapped: alltoall moves the
+                (EP−1)/EP of the ts·k routed tokens out and back, forward and backward; allgather gathers
+                every EP rank's tokens (balanced load assumed)
     optimizer   memory-bound: the owned elements' bytes read and written once at HBM bandwidth
     overhead    KERNELS_PER_LAYER kernels per layer forward (twice that backward) × kernel_overhead_us per
                 micro-batch: what makes tiny micro-batches slow although their FLOPs are the same
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
 from megaflow.planner.memory import DEFAULT_BUCKET_SIZE, _param_bytes, model_state_bytes
-from megaflow.planner.params import chunk_flags, head_dim, stage_layer_numbers
+from megaflow.planner.params import chunk_flags, head_dim, is_moe_layer, stage_layer_numbers
 
 
 KERNELS_PER_LAYER = 25  # a transformer layer's forward: norms, GEMMs, attention, RoPE, activation, adds
@@ -55,14 +58,15 @@ def _act_bytes(cfg: Config) -> int:
 
 
 def layer_forward_flops(cfg: Config) -> float:
-    """Per micro-batch, whole layer (all TP ranks): GEMMs, attention causal at half. With MoE layers the
-    average layer, MoE layers counting their active experts (training/flops.py)."""
+    """Per micro-batch, whole layer (all TP ranks): GEMMs, attention causal at half. With MoE layers or
+    multi-latent attention the average layer of training/flops.py (MoE layers counting their active
+    experts; multi-token-prediction modules spread over the layers)."""
     m = cfg.model
     h, s, f, d = m.hidden_size, cfg.data.seq_length, m.ffn_hidden_size, head_dim(cfg)
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
     per_token = 2 * h * (q + 2 * kv) + 2 * 2 * s * q * 0.5 + 2 * q * h \
         + 2 * h * f * (2 if m.swiglu else 1) + 2 * f * h
-    if cfg.moe.num_experts is not None:
+    if cfg.moe.num_experts is not None or m.multi_latent_attention:
         from megaflow.training.flops import forward_flops_per_token
         per_token = (forward_flops_per_token(cfg) - 2 * h * cfg.padded_vocab_size) / m.num_layers
     return per_token * s * cfg.training.micro_batch_size
@@ -112,6 +116,28 @@ def cp_comm_times(cfg: Config, cluster: Cluster, layers: int) -> tuple[float, fl
     return layers * gather, layers * (gather + _ring("reduce_scatter", cp * kv * 4 / _act_bytes(cfg), cp, bw, lat))
 
 
+def ep_comm_times(cfg: Config, cluster: Cluster, moe_layers: int) -> tuple[float, float]:
+    """(forward, backward) seconds of MoE token dispatch for one micro-batch, not overlapped: alltoall
+    sends the (EP−1)/EP of its ts·k routed tokens that leave the rank and gets the experts' outputs back
+    (forward: dispatch and combine; backward: the same for the gradients); allgather gathers every EP
+    rank's tokens and reduce-scatters the outputs. A balanced load is assumed."""
+    e, p = cfg.moe, cfg.parallel
+    ep = p.expert_model_parallel_size
+    if e.num_experts is None or ep == 1 or moe_layers == 0:
+        return 0.0, 0.0
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    bw, lat = _bw(spans_nodes(ep, etp, cluster), cluster), cluster.latency_us * 1e-6
+    tokens = cfg.data.seq_length // p.context_parallel_size * cfg.training.micro_batch_size
+    if p.sequence_parallel:
+        tokens //= p.tensor_model_parallel_size
+    row = cfg.model.hidden_size * _act_bytes(cfg)
+    if e.moe_token_dispatcher_type == "alltoall":
+        one = (ep - 1) / ep * tokens * e.moe_router_topk * row / bw + lat
+    else:
+        one = _ring("all_gather", ep * tokens * row, ep, bw, lat)
+    return moe_layers * 2 * one, moe_layers * 2 * one
+
+
 def stage_times(cfg: Config, pp_rank: int, cluster: Cluster) -> dict:
     """Forward and backward time of one micro-batch through all chunks of a stage (seconds)."""
     m, p = cfg.model, cfg.parallel
@@ -142,11 +168,17 @@ def stage_times(cfg: Config, pp_rank: int, cluster: Cluster) -> dict:
         tp_bwd += tp_fwd
     launch = layers * KERNELS_PER_LAYER * cluster.kernel_overhead_us * 1e-6
     cp_fwd, cp_bwd = cp_comm_times(cfg, cluster, layers)
+    moe_layers = sum(is_moe_layer(cfg, n) for v in range(virtual_pipeline_size(cfg))
+                     for n in stage_layer_numbers(cfg, pp_rank, v))
+    ep_fwd, ep_bwd = ep_comm_times(cfg, cluster, moe_layers)
     if m.recompute_granularity == "full":
         cp_bwd += cp_fwd
-    return {"forward": fwd / rate + tp_fwd + cp_fwd + launch,
-            "backward": (2 * fwd + recompute) / rate + tp_bwd + cp_bwd + launch * (3 if m.recompute_granularity == "full" else 2),
-            "compute": (3 * fwd + recompute) / rate, "tp_comm": tp_fwd + tp_bwd, "cp_comm": cp_fwd + cp_bwd}
+        ep_bwd += ep_fwd
+    return {"forward": fwd / rate + tp_fwd + cp_fwd + ep_fwd + launch,
+            "backward": (2 * fwd + recompute) / rate + tp_bwd + cp_bwd + ep_bwd
+            + launch * (3 if m.recompute_granularity == "full" else 2),
+            "compute": (3 * fwd + recompute) / rate, "tp_comm": tp_fwd + tp_bwd, "cp_comm": cp_fwd + cp_bwd,
+            "ep_comm": ep_fwd + ep_bwd}
 
 
 def step_time(cfg: Config, cluster: Cluster) -> dict:
@@ -196,4 +228,5 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
     return {"step": total, "pipeline": pipeline, "bubble_fraction": bubble, "p2p": p2p,
             "dp_grad": grad_comm, "dp_param": param_comm, "optimizer": optimizer,
             "tp_comm": slowest["tp_comm"] * mbs, "cp_comm": slowest["cp_comm"] * mbs,
+            "ep_comm": slowest["ep_comm"] * mbs,
             "compute": slowest["compute"] * mbs}

@@ -1,6 +1,7 @@
 """The planner and MFU for MoE models: parameters per rank at EP/ETP layouts equal a model built on the
 meta device, total parameters equal a real model's, active parameters and the FLOPs of an MoE layer
-equal what torch's FLOP counter measures on a real forward, model-state bytes equal the optimizer's."""
+equal what torch's FLOP counter measures on a real forward, model-state bytes equal the optimizer's, and
+the step-time model counts the dispatch all-to-alls."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -68,3 +69,19 @@ def test_model_state_bytes_equal_the_optimizer_with_experts():
         real, planned = opt.memory_bytes(), model_state_bytes(cfg)
         for key in ("parameters", "gradients", "optimizer", "num_parameters", "owned_elements"):
             assert planned[key] == real[key], key
+
+
+def test_step_time_counts_the_dispatch_all_to_alls():
+    """tools/estimate.py's EP term: per MoE layer and micro-batch, forward and backward, the (EP−1)/EP of
+    the s·b·k routed token rows that leave the rank and come back; none without EP."""
+    from megaflow.planner.perf import Cluster, ep_comm_times, step_time
+    cluster = Cluster(gpus=8)
+    row = 32 * 4                                                   # hidden 32, fp32
+    for ep in (2, 4):
+        cfg = cfg_of("--expert-model-parallel-size", str(ep), world=8)
+        fwd, bwd = ep_comm_times(cfg, cluster, moe_layers=3)
+        tokens = cfg.data.seq_length * cfg.training.micro_batch_size
+        one = (ep - 1) / ep * tokens * 2 * row / (cluster.intra_node_gbps * 1e9) + cluster.latency_us * 1e-6
+        assert fwd == bwd == pytest.approx(3 * 2 * one)
+        assert step_time(cfg, cluster)["ep_comm"] > 0
+    assert ep_comm_times(cfg_of(world=8), cluster, moe_layers=3) == (0.0, 0.0)
