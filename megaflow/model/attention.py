@@ -95,7 +95,7 @@ class AttentionCore(nn.Module):
         """Causal attention; `cached`: the keys are the cache's (every earlier token plus the new ones)."""
         dqk, dv = q_bnsd.shape[-1], v_bgsd.shape[-1]
         if dqk == dv:
-            return self._attend(q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt, cached)
+            return self._attend(q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt, cached, self.softmax_scale)
         # The fused kernels take one head dimension for q, k and v (MLA's differ; torch's CPU SDPA would
         # fall back to its math path, which keeps the s×s probabilities): zero features add nothing to
         # scores or outputs, so pad to the larger one and cut the output back.
@@ -103,8 +103,7 @@ class AttentionCore(nn.Module):
         pad = lambda t: F.pad(t, (0, width - t.shape[-1]))  # noqa: E731
         return self._attend(pad(q_bnsd), pad(k_bgsd), pad(v_bgsd), cu_seqlens_bt, cached, scale)[..., :dv]
 
-    def _attend(self, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt, cached, scale=None):
-        scale = scale or self.softmax_scale
+    def _attend(self, q_bnsd, k_bgsd, v_bgsd, cu_seqlens_bt, cached, scale):
         if cached:
             return attention(q_bnsd, k_bgsd, v_bgsd, causal=k_bgsd.shape[2] == q_bnsd.shape[2],
                              softmax_scale=scale, backend=self.backend)
