@@ -1,12 +1,14 @@
 """MoE training throughput: megaflow against transformers' MixtralForCausalLM, same weights, same run.
 
 A small Mixtral-shaped model (8 experts, top-2; 4 layers, hidden 256, expert width 512, seq 256,
-micro-batch 8, vocab 8192, fp32 on CPU). Both sides run forward + backward + global-norm clip + AdamW
-on the same random tokens, steps alternating (A B A B ...) so machine noise hits both alike; the
-median step time of each is kept. megaflow runs its experts as one grouped GEMM (--moe-grouped-gemm),
-transformers as its default (torch._grouped_mm). Prints tokens/s of each, their ratio, and the
-ceiling: the step's own matrix multiplications (forward, input and weight gradients, experts at the
-step's real tokens per expert) timed alone, as a fraction of megaflow's step.
+micro-batch 8, vocab 8192, fp32 on CPU). Both sides run forward + backward + global-norm clip + fused
+AdamW (torch's: transformers' Trainer default, and megaflow's on CPU and CUDA) on the same random
+tokens, steps rotating with the ceiling (A B ceiling A B ...) so machine noise hits all alike; the
+median time of each is kept. megaflow runs its experts as one grouped GEMM (--moe-grouped-gemm, with
+--gradient-accumulation-fusion), transformers as its default (torch._grouped_mm). Prints tokens/s of
+each, their ratio, and the ceiling: the step's own matrix multiplications (forward, input and weight
+gradients, experts at one step's real tokens per expert; bench/matmul_ceiling.py) timed alone, as a
+fraction of megaflow's step.
 
 With --ep, also EP=2 against EP=1 on two gloo processes (both DP=2, same batch per rank): the step time
 ratio is what the all-to-all dispatch costs.
@@ -27,9 +29,12 @@ sys.path.insert(0, ROOT)
 from megaflow.checkpoint.hf import to_hf_state_dict  # noqa: E402
 from megaflow.config import config_from_kwargs, set_vocab_size  # noqa: E402
 from megaflow.model import build_model  # noqa: E402
+from megaflow.layers.moe.stats import clear_step_counts  # noqa: E402
 from megaflow.model.init import global_named_parameters  # noqa: E402
 from megaflow.optim.optimizer import build_optimizer  # noqa: E402
 from megaflow.training.step import train_step  # noqa: E402
+
+from matmul_ceiling import ceiling_timer  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, FFN, EXPERTS, TOPK, SEQ, MBS, VOCAB = 4, 256, 4, 512, 8, 2, 256, 8, 8192
 
@@ -39,7 +44,8 @@ def megaflow_config(world_size=1, **kw):
                              num_attention_heads=HEADS,
                              seq_length=SEQ, micro_batch_size=MBS, hidden_dropout=0.0, attention_dropout=0.0,
                              lr=1e-4, weight_decay=0.0, num_experts=EXPERTS, moe_ffn_hidden_size=FFN,
-                             moe_router_topk=TOPK, moe_grouped_gemm=True, make_vocab_size_divisible_by=128, **kw)
+                             moe_router_topk=TOPK, moe_grouped_gemm=True, make_vocab_size_divisible_by=128,
+                             gradient_accumulation_fusion=True, **kw)
     set_vocab_size(cfg, VOCAB)
     return cfg
 
@@ -71,7 +77,7 @@ def hf_runner(cfg, model):
     hf.config._attn_implementation = "sdpa"
     full = {name: p.detach() for name, p in global_named_parameters(model)}
     hf.load_state_dict(to_hf_state_dict(cfg, full), strict=False)   # same weights (HF fuses experts on load)
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # the Trainer's default
 
     def step(tokens):
         opt.zero_grad(set_to_none=True)
@@ -84,35 +90,18 @@ def hf_runner(cfg, model):
     return step
 
 
-def _time(fn, repeat=3):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_ceiling(cfg, model) -> float:
-    """Seconds of the step's matmuls alone: each forward GEMM [m, k] @ [k, n] and its two backward ones."""
+def matmul_ceiling(model):
+    """A timer of the step's own matrix multiplications alone (bench/matmul_ceiling.py): attention,
+    router and output layer on every token, each expert on the tokens the last step routed to it."""
     from megaflow.layers.moe import moe_layers
     t = SEQ * MBS
-    gemms = []
-    for _ in range(LAYERS):
-        gemms += [(t, HIDDEN, 3 * HIDDEN), (t, HIDDEN, HIDDEN), (t, HIDDEN, EXPERTS)]
-    for layer in moe_layers(model):               # the last step's real tokens per expert
-        counts = layer.step_counts if layer.step_counts.sum() > 0 else None
-    per_expert = [t * TOPK // EXPERTS] * EXPERTS if counts is None else [int(c) for c in counts]
-    for _ in range(LAYERS):
-        for c in per_expert:
-            gemms += [(c, HIDDEN, 2 * FFN), (c, FFN, HIDDEN)]
-    gemms.append((t, HIDDEN, cfg.padded_vocab_size))
-    total = 0.0
-    for m, k, n in gemms:
-        a, b, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
-        total += _time(lambda: a @ b) + _time(lambda: g @ b.t()) + _time(lambda: a.t() @ g)
-    return total
+    linears = {(t, HIDDEN, 3 * HIDDEN): LAYERS, (t, HIDDEN, HIDDEN): LAYERS, (t, HIDDEN, EXPERTS): LAYERS,
+               (t, HIDDEN, VOCAB): 1}
+    for layer in moe_layers(model):
+        for rows in layer.step_counts.tolist():
+            for shape in [(int(rows), HIDDEN, 2 * FFN), (int(rows), FFN, HIDDEN)]:
+                linears[shape] = linears.get(shape, 0) + 1
+    return ceiling_timer(linears, attention=(LAYERS, MBS * HEADS, SEQ, HIDDEN // HEADS))
 
 
 def ep_worker(steps: int):
@@ -157,18 +146,21 @@ def main():
     for _ in range(2):
         mf_step(batches[0])
         hf_step(batches[0])
-    mf, hf = [], []
-    for tokens in batches:
+    clear_step_counts(model)
+    mf_step(batches[0])                    # the tokens per expert of one step, for the ceiling
+    ceiling_seconds = matmul_ceiling(model)
+    mf, hf, ceilings = [], [], []
+    for tokens in batches:                 # rotating: machine noise hits all three alike
         t = time.perf_counter()
         mf_step(tokens)
         mf.append(time.perf_counter() - t)
         t = time.perf_counter()
         hf_step(tokens)
         hf.append(time.perf_counter() - t)
-    m, h = statistics.median(mf), statistics.median(hf)
-    ceiling = matmul_ceiling(cfg, model)
+        ceilings.append(ceiling_seconds())
+    m, h, ceiling = statistics.median(mf), statistics.median(hf), statistics.median(ceilings)
     tokens = MBS * SEQ
-    print(f"median tokens/s over {args.steps} alternating steps: megaflow {tokens / m:,.0f} | transformers "
+    print(f"median tokens/s over {args.steps} rotating steps: megaflow {tokens / m:,.0f} | transformers "
           f"MixtralForCausalLM {tokens / h:,.0f} | ratio {h / m:.2f}x")
     print(f"ceiling (the step's matmuls alone): {ceiling:.3f} s = {ceiling / m:.2f} of megaflow's step "
           f"({m:.3f} s), {ceiling / h:.2f} of transformers' ({h:.3f} s)")

@@ -2,7 +2,8 @@
 the ceiling the step's own matrix multiplications set, all in one run.
 
 Fixed config (issue 2): Llama style, 6 layers, hidden 256, 4 heads, seq 256, micro-batch 8, vocab 8192,
-fp32 on CPU. Every runner does forward + backward + global-norm clip + AdamW on the same random tokens:
+fp32 on CPU. Every runner does forward + backward + global-norm clip + fused AdamW (torch's: transformers'
+Trainer default and megaflow's) on the same random tokens:
 
     megaflow eager            --gradient-accumulation-fusion (weight gradients added into the fp32
                               main-grad buffer by the linear layers' backward)
@@ -13,9 +14,8 @@ fp32 on CPU. Every runner does forward + backward + global-norm clip + AdamW on 
 
 Steps rotate between the runners (A B C D E ceiling A B ...) so machine noise hits all alike; the
 median step time of each is kept. The ceiling is the step's own matrix multiplications timed alone with torch.mm on
-the same shapes (per linear layer: forward, input gradient, weight gradient; the output layer too;
-attention's six batched products of a causal step counted at half their full size) and is printed as
-a fraction: ceiling time / step time (1.0 = nothing but matmuls).
+the same shapes (bench/matmul_ceiling.py) and is printed as a fraction: ceiling time / step time (1.0 =
+nothing but matmuls).
 
     python bench/train_throughput.py [--steps 20] [--no-compile]
     python bench/train_throughput.py --profile      # torch.profiler table of one megaflow eager step
@@ -35,6 +35,8 @@ from megaflow.model import build_model  # noqa: E402
 from megaflow.model.compile import compile_seconds  # noqa: E402
 from megaflow.optim.optimizer import build_optimizer  # noqa: E402
 from megaflow.training.step import train_step  # noqa: E402
+
+from matmul_ceiling import ceiling_timer  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, SEQ, MBS, VOCAB = 6, 256, 4, 256, 8, 8192
 
@@ -69,7 +71,7 @@ def hf_runner(lr, ffn, compile=False):
     if compile:
         for layer in model.model.layers:
             layer.compile(dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # the Trainer's default
 
     def step(tokens):
         opt.zero_grad(set_to_none=True)
@@ -82,40 +84,14 @@ def hf_runner(lr, ffn, compile=False):
     return step, sum(p.numel() for p in model.parameters())
 
 
-def _time(fn, repeats):
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
 def matmul_ceiling(ffn):
-    """A function timing the step's own matrix multiplications alone (see the module docstring). Its
-    tensors are made once: allocating and freeing them at every call would make the step timed right
-    after it pay for the page faults."""
+    """A timer of the step's own matrix multiplications alone (bench/matmul_ceiling.py)."""
     tokens = MBS * SEQ
-    head_dim = HIDDEN // HEADS
-    counts = {}
-    for shape in [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * ffn), (ffn, HIDDEN)] * LAYERS + \
+    linears = {}
+    for n_in, n_out in [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * ffn), (ffn, HIDDEN)] * LAYERS + \
             [(HIDDEN, VOCAB)]:                                            # + the output layer
-        counts[shape] = counts.get(shape, 0) + 1
-    linears = [(count, torch.randn(tokens, n_in), torch.randn(n_out, n_in), torch.randn(tokens, n_out))
-               for (n_in, n_out), count in counts.items()]
-    q = torch.randn(MBS * HEADS, SEQ, head_dim)
-    p = torch.randn(MBS * HEADS, SEQ, SEQ)
-
-    def seconds(repeats=1):
-        total = 0.0
-        for count, x, w, g in linears:
-            total += count * (_time(lambda: torch.mm(x, w.t()), repeats)      # forward
-                              + _time(lambda: torch.mm(g, w), repeats)        # input gradient
-                              + _time(lambda: torch.mm(g.t(), x), repeats))   # weight gradient
-        qk = _time(lambda: torch.bmm(q, q.transpose(1, 2)), repeats)     # Q K^T, and dP = dO V^T alike
-        pv = _time(lambda: torch.bmm(p, q), repeats)                     # P V, dQ = dS K, dK = dS^T Q alike
-        dv = _time(lambda: torch.bmm(p.transpose(1, 2), q), repeats)     # dV = P^T dO
-        return total + LAYERS * 0.5 * (2 * qk + 3 * pv + dv)
-    return seconds
+        linears[(tokens, n_in, n_out)] = linears.get((tokens, n_in, n_out), 0) + 1
+    return ceiling_timer(linears, attention=(LAYERS, MBS * HEADS, SEQ, HIDDEN // HEADS))
 
 
 def profile(step, rows=15):
