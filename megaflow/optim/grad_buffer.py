@@ -56,22 +56,50 @@ class Bucket:
         self.launched = False
         self.param_handle = None        # async all-gather of updated parameters (ZeRO)
 
+    def padding(self) -> list:
+        """[(start, end)] of the bucket's elements that belong to no parameter (alignment and the tail)."""
+        gaps, n = [], 0
+        for lo, hi in sorted(self.offsets.values()):
+            if lo > n:
+                gaps.append((n, lo))
+            n = hi
+        return gaps + ([(n, self.padded)] if n < self.padded else [])
+
     def shard(self, rank: int, size: int) -> tuple[int, int]:
         n = self.padded // size
         return rank * n, (rank + 1) * n
 
 
+# Every parameter starts, and every bucket shard starts and ends, on a multiple of this many elements
+# (as Megatron-LM pads its buffers): the vectorised optimizer kernels then split a ZeRO shard of a
+# parameter into the same vector lanes and scalar tail as the whole parameter, so the sharded update
+# is bit-identical to the unsharded one (torch's fused CPU AdamW rounds its tail differently), and
+# GPU accesses stay aligned.
+ALIGN = 64
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def aligned_layout(numels: list, dp_size: int) -> tuple[list, int]:
+    """[(start, end)] of consecutive tensors of these sizes in one bucket, each start a multiple of
+    ALIGN, and the bucket's padded size: a multiple of dp_size * ALIGN, so it splits into dp_size
+    aligned shards. The planner (planner/memory.py) lays out its buckets with it too."""
+    spans, n = [], 0
+    for numel in numels:
+        spans.append((n, n + numel))
+        n = _round_up(n + numel, ALIGN)
+    return spans, _round_up(max(n, 1), dp_size * ALIGN)
+
+
 def lay_out_buckets(groups: list, dp_size: int, buffer) -> tuple[list, int]:
-    """Buckets for consecutive parameter groups in one flat buffer, each padded to a multiple of dp_size
-    (so it shards evenly); returns (buckets, total elements). Each bucket knows its buffer."""
+    """Buckets for consecutive parameter groups in one flat buffer, laid out by aligned_layout; returns
+    (buckets, total elements). Each bucket knows its buffer."""
     buckets, start = [], 0
     for i, group in enumerate(groups):
-        offsets, n = {}, 0
-        for p in group:
-            offsets[p] = (n, n + p.numel())
-            n += p.numel()
-        padded = -(-n // dp_size) * dp_size
-        buckets.append(Bucket(i, group, offsets, start, n, padded))
+        spans, padded = aligned_layout([p.numel() for p in group], dp_size)
+        buckets.append(Bucket(i, group, dict(zip(group, spans)), start, spans[-1][1], padded))
         buckets[-1].buffer = buffer
         start += padded
     return buckets, start

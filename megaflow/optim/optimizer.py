@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megaflow.optim.distrib_optimizer import MegaflowOptimizer
+from megaflow.parallel import state
 
 
 def model_chunks(model) -> list:
@@ -19,10 +20,19 @@ def no_weight_decay(name: str, param) -> bool:
     return param.ndim == 1 or name.endswith(".bias")
 
 
+def fused_adam_supported(device) -> bool:
+    """torch's fused AdamW (one kernel over all tensors: each element read and written once, where the
+    for-loop implementation makes ~8 passes) exists for this device type (CPU and CUDA in torch >= 2.4).
+    It is what Megatron-LM (apex/Transformer Engine FusedAdam) and the transformers Trainer use."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    return torch.device(device).type in _get_fused_kernels_supported_devices()
+
+
 def torch_optimizer_factory(cfg):
     t = cfg.training
     if t.optimizer == "adam":
-        return functools.partial(torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        return functools.partial(torch.optim.AdamW, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                 fused=fused_adam_supported(state.get().device) or None)
     return functools.partial(torch.optim.SGD, lr=t.lr, momentum=t.sgd_momentum)
 
 

@@ -145,7 +145,8 @@ class ShardedGradSync(GradSync):
                                        "the wrong number of micro-batches")
                 if b.grad_full is None:  # each parameter writes its range once: only the padding is zeroed
                     b.grad_full = torch.empty(b.padded, dtype=torch.float32, device=b.grad_shard.device)
-                    b.grad_full[b.numel:].zero_()
+                    for gap_lo, gap_hi in b.padding():
+                        b.grad_full[gap_lo:gap_hi].zero_()
                 lo, hi = b.offsets[p]
                 # fp32 whatever p.grad's dtype, then the 1/DP of the average while the range is in cache
                 b.grad_full[lo:hi].copy_(p.grad.reshape(-1)).mul_(1.0 / self.dp_size)

@@ -19,7 +19,7 @@ and the two largest layers, whole, in the model dtype (every layer with --no-res
 from __future__ import annotations
 
 from megaflow.config import Config
-from megaflow.optim.grad_buffer import DEFAULT_BUCKET_SIZE, bucket_params
+from megaflow.optim.grad_buffer import DEFAULT_BUCKET_SIZE, aligned_layout, bucket_params
 from megaflow.planner.params import Param, rank_parameters
 
 
@@ -29,11 +29,8 @@ def buckets(params: list[Param], bucket_size: int, dp: int) -> list[tuple[list[t
                            shared_embedding=lambda p: p.shared_embedding)
     out = []
     for group in groups:
-        members, n = [], 0
-        for p in group:
-            members.append((p, n, n + p.numel))
-            n += p.numel
-        out.append((members, -(-n // dp) * dp))
+        spans, padded = aligned_layout([p.numel for p in group], dp)
+        out.append(([(p, lo, hi) for p, (lo, hi) in zip(group, spans)], padded))
     return out
 
 

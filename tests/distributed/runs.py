@@ -86,7 +86,9 @@ def run(args, extra=None) -> dict:
                                         for p in c.parameters()),
             "valid_losses": result.valid_losses,
             "num_buckets": sum(len(b.buckets) for b in opt.sync.buffers),
-            "bucket_padding": [b.padded - b.numel for buf in opt.sync.buffers for b in buf.buckets],
+            # elements of each bucket that belong to no parameter (alignment gaps and the tail)
+            "bucket_padding": [sum(hi - lo for lo, hi in b.padding()) for buf in opt.sync.buffers for b in buf.buckets],
+            "bucket_params": [len(b.params) for buf in opt.sync.buffers for b in buf.buckets],
             "rank": state.get().rank, "dp_size": state.get().dp_size, **(extra(trainer) if extra else {})}
 
 

@@ -95,8 +95,9 @@ def test_zero_shards_optimizer_state_on_every_rank_of_the_grid(results):
                  "gpt2_zero3_sp_recompute"):
         for r in out[name]:
             mem, phi = r["memory"], r["memory"]["num_parameters"]
+            low = (phi + sum(r["bucket_padding"])) / 2 - sum(r["bucket_padding"])  # fewest elements owned
             assert r["dp_size"] == 2 and mem["main_params"] == 0    # fp32 model: Adam's m and v only
-            assert 8 * phi / 2 <= mem["optimizer"] <= 8 * phi / 2 * 1.02 + 8 * max(r["bucket_padding"])
+            assert 8 * low <= mem["optimizer"] <= 8 * phi / 2 * 1.02 + 8 * max(r["bucket_padding"])
             assert mem["optimizer_state"] == r["measured_state"]
             if name.startswith(("zero3", "gpt2_zero3")):         # parameters and gradients: shards too
                 assert mem["parameters"] == mem["gradients"] <= 4 * phi / 2 * 1.02 + 4 * max(r["bucket_padding"])
@@ -116,6 +117,7 @@ def test_keeping_gathered_parameters_saves_gathers_and_holds_the_stage(results):
     for kept, freed in zip(out["zero3_sp_keep_gathered"], out["zero3_sp"]):
         assert kept["gathers"] < freed["gathers"]
         # (2 layers a stage here: the default bound, the chunk + 2 layers, is the whole stage too)
-        assert freed["peak_gathered"] <= kept["peak_gathered"] == kept["full_parameter_bytes"]
+        whole = kept["full_parameter_bytes"] + 4 * sum(kept["bucket_padding"])  # fp32, with the buckets' padding
+        assert freed["peak_gathered"] <= kept["peak_gathered"] == whole
         pp_rank = kept["rank"] // 4                                # rank order tp-cp-dp-pp
         assert model_state_bytes(cfg, pp_rank)["gathered"] == kept["peak_gathered"]

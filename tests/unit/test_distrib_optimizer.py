@@ -8,7 +8,7 @@ import torch
 
 from megaflow.config import config_from_kwargs, set_vocab_size
 from megaflow.model import build_model, global_named_parameters
-from megaflow.optim.grad_buffer import GradBuffer
+from megaflow.optim.grad_buffer import ALIGN, GradBuffer
 from megaflow.optim.grads import clip_gradients
 from megaflow.optim.optimizer import build_optimizer
 from megaflow.parallel import state
@@ -43,7 +43,9 @@ def test_buckets_in_backward_order_padded_shared_embedding_alone(fake_dp):
     order = [names[p] for b in buf.buckets for p in b.params]
     assert order == list(reversed(list(names.values())))            # backward order
     assert [names[p] for p in buf.buckets[-1].params] == ["word_embeddings.weight"]
-    assert len(buf.buckets) > 3 and all(b.padded % 3 == 0 and b.padded - b.numel < 3 for b in buf.buckets)
+    assert len(buf.buckets) > 3 and all(b.padded % (3 * ALIGN) == 0 and b.padded - b.numel < 3 * ALIGN
+                                        for b in buf.buckets)       # aligned shards, as little tail as that allows
+    assert all(lo % ALIGN == 0 for b in buf.buckets for lo, _hi in b.offsets.values())  # aligned starts
     for b in buf.buckets:                                             # params and grads are buffer views
         for p, (lo, hi) in b.offsets.items():
             assert p.data_ptr() == b.param_data[lo:hi].data_ptr()
@@ -58,7 +60,7 @@ def test_adamw_on_shards_equals_torch_adamw_on_the_model(fake_dp, dp):
     ref_opt = torch.optim.AdamW([
         {"params": [p for n, p in reference.named_parameters() if p.ndim > 1], "weight_decay": 0.1},
         {"params": [p for n, p in reference.named_parameters() if p.ndim == 1], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+        lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)  # as build_optimizer on CPU
     ranks = []
     for r in range(dp):
         fake_dp(r, dp)
@@ -87,7 +89,7 @@ def test_adamw_on_shards_equals_torch_adamw_on_the_model(fake_dp, dp):
     if dp > 1:                                       # shards: each rank holds about 1/dp of the state
         sizes = [sum(pc.hi - pc.lo for pc in opt.pieces) for _, opt in ranks]
         total = sum(p.numel() for p in reference.parameters())
-        padding = sum(b.padded - b.numel for b in ranks[0][1].sync.buffers[0].buckets)
+        padding = sum(hi - lo for b in ranks[0][1].sync.buffers[0].buckets for lo, hi in b.padding())
         assert sum(sizes) == total                   # every element owned by exactly one rank
         assert max(sizes) - min(sizes) <= padding    # equal shards of each padded bucket
 
@@ -107,7 +109,9 @@ def test_bf16_params_keep_fp32_main_params():
         assert torch.equal(pc.model, pc.main.to(torch.bfloat16))        # model = bf16(main)
     mem = opt.memory_bytes()
     phi = sum(p.numel() for p in model.parameters())
-    assert mem["parameters"] == 2 * phi and mem["gradients"] == 4 * phi
+    held = opt.sync.buffers[0].numel                 # Φ and the alignment padding (< ALIGN per parameter)
+    assert phi <= held < phi + ALIGN * (len(opt.pieces) + 1)
+    assert mem["parameters"] == 2 * held and mem["gradients"] == 4 * held
     assert mem["main_params"] == 4 * phi and mem["optimizer_state"] == opt.measured_state_bytes()
     assert mem["optimizer"] == 4 * phi + 8 * phi + 4 * len(opt.pieces)  # 12 Φ + one step scalar each
 
@@ -165,7 +169,7 @@ def test_train_step_equals_a_plain_pytorch_loop(style, zero):
     ref_opt = torch.optim.AdamW([
         {"params": [p for n, p in reference.named_parameters() if p.ndim > 1], "weight_decay": 0.1},
         {"params": [p for n, p in reference.named_parameters() if p.ndim == 1], "weight_decay": 0.0}],
-        lr=1e-2)
+        lr=1e-2, fused=True)                          # as build_optimizer on CPU
     data = list(_batches(cfg, 6))
     for step in range(3):
         result = train_step(cfg, model, opt, None, iter(data[2 * step:2 * step + 2]), 2)
