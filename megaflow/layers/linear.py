@@ -79,7 +79,7 @@ def column_parallel_matmul(x, weight, bias=None, sequence_parallel=False, gather
     layer, whose weight is the word-embedding table."""
     if sequence_parallel and state.get().tp_size > 1:
         (y,) = _BlockLinear.apply(x, weight, bias, (weight.shape[0],), True)
-    elif _fuses(weight):
+    elif fuses_grad_accumulation(weight):
         (y,) = _BlockLinear.apply(mappings.copy_to_tensor_parallel_region(x), weight, bias, (weight.shape[0],), False)
     else:
         y = F.linear(mappings.copy_to_tensor_parallel_region(x), weight, bias)
@@ -135,8 +135,8 @@ class _BlockLinear(torch.autograd.Function):
         if grad_b is not None:
             for g2, b_rows in zip(g2s, grad_b.split(ctx.sizes)):
                 torch.sum(g2, 0, out=b_rows)
-        if _fuses(weight) and overlap:
-            _accumulate_into_main_grad(weight, g2s, x2, ctx.sizes)
+        if fuses_grad_accumulation(weight) and overlap:
+            add_weight_grad_to_main_grad(weight, g2s, x2, ctx.sizes)
             grad_w = None
         else:
             grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device)
@@ -147,12 +147,12 @@ class _BlockLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _fuses(weight) -> bool:
+def fuses_grad_accumulation(weight) -> bool:
     """Does backward accumulate this weight's gradient into its main_grad (gradient-accumulation fusion)?"""
     return getattr(weight, "accumulate_into_main_grad", False) and weight.requires_grad
 
 
-def _accumulate_into_main_grad(weight, g2s, x2, sizes):
+def add_weight_grad_to_main_grad(weight, g2s, x2, sizes):
     """main_grad[rows of block i] += g_i^T x, in place."""
     main = weight.main_grad
     for g2, rows in zip(g2s, main.split(sizes)):
@@ -184,7 +184,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_parallel_region(x)
-        if _fuses(self.weight):
+        if fuses_grad_accumulation(self.weight):
             (y,) = _BlockLinear.apply(x, self.weight, None, (self.weight.shape[0],), False)
         else:
             y = F.linear(x, self.weight)

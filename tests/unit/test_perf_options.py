@@ -69,10 +69,26 @@ def test_gradient_accumulation_fusion_matches_the_unfused_run(style):
     assert all(b.pending == 0 for buf in opt.sync.buffers for b in buf.buckets)
 
 
+@pytest.mark.parametrize("style", ["llama", "gpt2"])   # SwiGLU experts (gate and up blocks) and GeLU ones
+def test_gradient_accumulation_fusion_of_grouped_experts(style):
+    moe = dict(num_experts=4, moe_ffn_hidden_size=24, moe_router_topk=2, moe_grouped_gemm=True)
+    ref_model, _ref_opt, ref_losses = train(tiny(style, **moe))
+    model, opt, losses = train(tiny(style, gradient_accumulation_fusion=True, **moe))
+    fused = [n for n, p in model.named_parameters() if getattr(p, "accumulate_into_main_grad", False)]
+    assert sum(".local_experts." in n for n in fused) == 2 * 4 * 2   # fc1 and fc2 of 4 experts, 2 layers
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.main_grad, ref.main_grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-5, atol=1e-7, msg=name)
+    assert all(b.pending == 0 for buf in opt.sync.buffers for b in buf.buckets)
+
+
 def test_gradient_accumulation_fusion_under_bf16_autocast():
-    _m, _o, ref = train(tiny(bf16=True), steps=1)
-    _m, _o, fused = train(tiny(bf16=True, gradient_accumulation_fusion=True), steps=1)
-    assert fused == pytest.approx(ref, rel=1e-6)
+    moe = dict(num_experts=4, moe_ffn_hidden_size=24, moe_router_topk=2, moe_grouped_gemm=True)
+    for kw in (dict(), moe):
+        _m, _o, ref = train(tiny(bf16=True, **kw), steps=1)
+        _m, _o, fused = train(tiny(bf16=True, gradient_accumulation_fusion=True, **kw), steps=1)
+        assert fused == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(model_style="gpt2"), dict(recompute_granularity="selective")])
