@@ -9,7 +9,8 @@ over DP, as torchtitan composes them), in the same processes of the same run.
               each layer gathered before its forward and again before its backward (prefetched)
     native    the same Llama in plain nn.Modules; parallelize_module with ColwiseParallel /
               RowwiseParallel (vocab-parallel embedding and output, loss_parallel cross entropy), then
-              fully_shard per block and at the root over the DP mesh dimension, torch.optim.AdamW.
+              fully_shard per block and at the root over the DP mesh dimension, torch.optim.AdamW
+              fused (torchtitan's default, and megaflow's).
               Two variants: reshard_after_forward=False (gradients and optimizer state sharded,
               parameters kept whole between forward and backward: ZeRO-2-like, the peer of megaflow's
               ZeRO-1) and FSDP2's default True (parameters re-gathered for backward: ZeRO-3, the peer
@@ -157,7 +158,7 @@ def native_runner(a, ffn, lr, reshard_after_forward):
                 "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
         fully_shard(block, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
 
     def step(tokens):
         opt.zero_grad(set_to_none=True)
