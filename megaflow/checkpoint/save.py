@@ -5,8 +5,10 @@ A save, on every rank:
   1. rank 0 clears debris of interrupted saves and creates iter_{:07d}.tmp/ (barrier);
   2. this rank's pieces are copied to host buffers reused across saves (checkpoint/staging.py; from a
      GPU: non_blocking into page-locked memory, fenced by an event the writer waits for) before save()
-     returns, since training may change the parameters right after; the index of every rank's pieces
-     is gathered on rank 0;
+     returns, since training may change the parameters right after; with defer_host_copies (the
+     trainer's --async-save) CPU tensors are copied by the writer thread instead, and the trainer's
+     next update waits for those copies (staging.wait_staged); the index of every rank's pieces is
+     gathered on rank 0;
   3. the rank file is written and fsync'ed, in a thread with --async-save;
   4. finalize, a collective: every rank reports its file (size, or the error); rank 0 writes
      metadata.json, renames iter_{:07d}.tmp to iter_{:07d}, then rewrites the tracker, then applies the
@@ -134,19 +136,21 @@ class CheckpointWriter:
     """Saves into one directory; keeps at most one asynchronous save in flight."""
 
     def __init__(self, root: str, async_save: bool = False, keep_last: int | None = None,
-                 retain_interval: int | None = None):
+                 retain_interval: int | None = None, defer_host_copies: bool = False):
+        """defer_host_copies (with async_save): save() returns before CPU tensors are copied; the caller
+        must call staging.wait_staged() before it changes a parameter or optimizer state."""
         self.root, self.async_save = root, async_save
         self.keep_last, self.retain_interval = keep_last, retain_interval
         self.pending: _Pending | None = None
-        self.staging = HostStaging()
+        self.staging = HostStaging(defer_host_copies=defer_host_copies and async_save)
         self.last_stall: float | None = None  # seconds the last save() held up its caller
-
 
     def save(self, iteration, model, optimizer, scheduler, scaler, consumed_samples: int, config_json: str,
              extra: dict | None = None) -> str | None:
         """Save (or start saving) `iteration`; returns its folder once complete, None while in flight.
         last_stall is then the time the call took: the whole save when synchronous; with async_save
-        the wait for a previous save still writing, the copy to host and the index exchange."""
+        the wait for a previous save still writing, the copy to host (unless deferred: then
+        staging.waited adds what the loop later waits for it) and the index exchange."""
         start = time.perf_counter()
         try:
             return self._save(iteration, model, optimizer, scheduler, scaler, consumed_samples, config_json, extra)

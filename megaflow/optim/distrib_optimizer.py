@@ -87,6 +87,9 @@ class MegaflowOptimizer:
         self.optimizer = make_optimizer([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()])
         if self.overlap_param_gather:
             self.sync.register_param_sync_hooks(chunks)
+        # Called before anything changes parameters or optimizer state (prepare_update): e.g. an
+        # --async-save whose writer thread is still copying them (checkpoint/staging.py).
+        self.before_update: list = []
 
     # -- the step, in train_step's order -----------------------------------------------------
     @property
@@ -105,6 +108,11 @@ class MegaflowOptimizer:
 
     def finish_grad_sync(self) -> None:
         self.sync.finish_grad_sync()
+
+    def prepare_update(self) -> None:
+        """train_step calls this once per step, before the first change to saved state."""
+        for wait in self.before_update:
+            wait()
 
     def gathered_parameters(self):
         """Context: every parameter whole, to read weights outside a forward (ZeRO-3 gathers them for

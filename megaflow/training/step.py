@@ -103,6 +103,7 @@ def train_step(cfg, model, optimizer, scaler, data_iterator, num_microbatches: i
     losses = get_forward_backward_func()(model, data_iterator, num_microbatches, loss_scale=scale,
                                          autocast_ctx=autocast_context(cfg), **extra)
     optimizer.finish_grad_sync()
+    optimizer.prepare_update()       # from here on parameters and optimizer state change
     moe.update_expert_biases(model)  # aux-loss-free balancing: loads of this step (no-op without it)
     found_inf = optimizer.unscale_and_check(scale) if scaler is not None else False
     grad_norm = None

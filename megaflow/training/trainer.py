@@ -124,7 +124,9 @@ class _Trainer:
         log.print_rank_0(memory_report(self.model, self.optimizer))
         c = cfg.checkpoint
         self.writer = CheckpointWriter(c.save, c.async_save, c.keep_last_n_checkpoints,
-                                       c.save_retain_interval) if c.save else None
+                                       c.save_retain_interval, defer_host_copies=True) if c.save else None
+        if self.writer is not None and c.async_save:  # the writer thread copies CPU state after save()
+            self.optimizer.before_update.append(self.writer.staging.wait_staged)
         self.reseed = False
         load_dir = restart.resume_dir(cfg)  # --load, else --save once it holds a checkpoint
         rng_state = self._load(load_dir) if load_dir else None
@@ -308,8 +310,10 @@ class _Trainer:
                                 r.consumed_samples, self.cfg.to_json(), extra)
         stall = f"training stalled {self.writer.last_stall:.3f} s"  # what the save cost the loop, on rank 0
         if path is None:
+            what = "the copies to host follow in the writer thread" if self.writer.staging.defer_host_copies \
+                else "for the copy to host"
             log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save): "
-                             f"{stall} for the copy to host")
+                             f"{stall} ({what})")
         else:
             log.print_rank_0(f"checkpoint of iteration {r.iteration} written synchronously ({stall})")
         self._published(path)
@@ -317,7 +321,9 @@ class _Trainer:
     def _published(self, path):
         if path is not None:
             self.result.last_checkpoint = path
-            log.print_rank_0(f"saved checkpoint to {path}")
+            waited = self.writer.staging.waited if self.writer.staging.defer_host_copies else 0.0
+            note = f" (training waited {waited:.3f} s for its copies to host)" if waited else ""
+            log.print_rank_0(f"saved checkpoint to {path}{note}")
 
     def _is_spike(self, loss) -> bool:
         """--check-for-spiky-loss: a loss above --spiky-loss-factor × the largest of the last 100 losses

@@ -9,6 +9,7 @@ import torch
 
 from megaflow.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
 from megaflow.checkpoint import format as fmt
+from megaflow.checkpoint import staging as staging_mod
 from megaflow.config import config_from_kwargs, set_vocab_size
 from megaflow.data.sampler import MegatronPretrainingSampler
 from megaflow.model import build_model, global_named_parameters
@@ -139,6 +140,30 @@ def test_async_save_publishes_only_after_the_write_and_copies_synchronously(tmp_
     assert os.path.isdir(tmp_path / "iter_0000002.tmp") and not os.path.exists(tmp_path / "iter_0000002")
     gate.set()
     assert writer.wait() == str(tmp_path / "iter_0000002") and (tmp_path / fmt.TRACKER).read_text() == "2"
+    _, model2, optimizer2 = build(seed=7)
+    load_checkpoint(str(tmp_path), model2, optimizer2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
+
+
+def test_deferred_host_copies_are_made_before_the_next_update(tmp_path, monkeypatch):
+    """The trainer's --async-save: save() returns before the CPU copies are made (the writer thread makes
+    them); prepare_update(), which train_step calls before changing any state, waits for them, so the
+    checkpoint holds the state of the save, not of the update after it."""
+    cfg, model, optimizer = build()
+    gate, copy = threading.Event(), staging_mod.StagingFence.wait
+    monkeypatch.setattr(staging_mod.StagingFence, "wait", lambda self: gate.wait(30) and copy(self))
+    writer = CheckpointWriter(str(tmp_path), async_save=True, defer_host_copies=True)
+    optimizer.before_update.append(writer.staging.wait_staged)
+    expected = [p.detach().clone() for p in model.parameters()]
+    assert writer.save(2, model, optimizer, None, None, 16, cfg.to_json()) is None
+    assert writer.staging.buffers and writer.staging.copies_pending()     # copies not made yet
+    threading.Timer(0.2, gate.set).start()
+    optimizer.prepare_update()                             # blocks until the writer has copied
+    assert writer.staging.waited > 0.1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert writer.wait() == str(tmp_path / "iter_0000002")
     _, model2, optimizer2 = build(seed=7)
     load_checkpoint(str(tmp_path), model2, optimizer2)
     assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
