@@ -3,11 +3,13 @@
 On the last pipeline stage, after the main model's layers (hidden h⁰, before the final norm), module
 k = 1..D predicts the token k+1 positions ahead, chained on the previous module's hidden state:
 
-    h'ᵏᵢ = W_k [norm(hᵏ⁻¹ᵢ) ; norm(Emb(t_{i+k}))]           eh_proj: 2h -> h
+    h'ᵏᵢ = W_k [norm(Emb(t_{i+k})) ; norm(hᵏ⁻¹ᵢ)]           eh_proj: 2h -> h
     hᵏ   = TransformerLayer_k(h'ᵏ)                            same block as the model's last layer
     Lₖ   = mean over i with t_{i+k+1} in the sequence of CE(Out(norm_k(hᵏᵢ)), t_{i+k+1})
 
-with the model's own embedding Emb and output layer Out. The training loss gains
+with the model's own embedding Emb and output layer Out. The embedding comes first in eh_proj's input,
+as in Megatron-Core and DeepSeek-V3's released weights (enorm, then hnorm; the paper's equation writes
+the two the other way round), so their eh_proj weights load as they are. The training loss gains
 λ / D · Σₖ Lₖ (λ = --mtp-loss-scaling-factor), added through the MoE aux-loss scaler
 (layers/moe/aux_loss.py): the pipeline schedules still carry one loss per micro-batch. The last stage
 has the labels, t_{i+1}, so t_{i+k} is the labels shifted by k−1 and the targets by k; positions whose
@@ -47,7 +49,7 @@ class MTPLayer(nn.Module):
         self.final_norm = build_norm(m.normalization, h, m.norm_epsilon, m.norm_backend, sp)
 
     def forward(self, hidden_sbh, embedded_sbh, context=None):
-        x_sbh = self.eh_proj(torch.cat([self.hnorm(hidden_sbh), self.enorm(embedded_sbh)], dim=-1))
+        x_sbh = self.eh_proj(torch.cat([self.enorm(embedded_sbh), self.hnorm(hidden_sbh)], dim=-1))
         return self.layer(x_sbh, None, context)
 
 
