@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from megaflow.checkpoint.full_state import load_full_state_dict, save_full_state_dict
-from megaflow.checkpoint.hf import from_hf_config, from_hf_state_dict
+from megaflow.checkpoint import hf_deepseek
+from megaflow.checkpoint.hf import from_hf_config, from_hf_state_dict, hf_architecture
 from megaflow.checkpoint.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_hf_folder, save_hf_folder
 from megaflow.config import Config
 
@@ -24,13 +25,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def export_to_hf(ckpt_dir: str, hf_dir: str, iteration: Optional[int] = None, dtype=torch.float32,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_model: Optional[str] = None,
-                 tokenizer: bool = True) -> dict:
+                 tokenizer: bool = True, keep_mtp: bool = False) -> dict:
     """Write the HF folder; returns its config.json. tokenizer_model overrides the tokenizer path the
-    checkpoint recorded (when the files moved)."""
+    checkpoint recorded (when the files moved); keep_mtp exports multi-token-prediction layers in
+    DeepSeek-V3's layout."""
     cfg, state_dict = load_full_state_dict(ckpt_dir, iteration)
     if tokenizer_model is not None:
         cfg.data.tokenizer_model = tokenizer_model
-    return save_hf_folder(cfg, state_dict, hf_dir, DTYPES.get(dtype, dtype), max_shard_bytes, tokenizer)
+    return save_hf_folder(cfg, state_dict, hf_dir, DTYPES.get(dtype, dtype), max_shard_bytes, tokenizer, keep_mtp)
 
 
 def import_from_hf(hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, iteration: int = 0,
@@ -43,6 +45,8 @@ def import_from_hf(hf_dir: str, ckpt_dir: str, tp: int = 1, pp: int = 1, iterati
         cfg.data.tokenizer_type, cfg.data.tokenizer_model = "HuggingFaceTokenizer", os.path.abspath(hf_dir)
     else:
         cfg.data.tokenizer_type, cfg.data.vocab_size = "NullTokenizer", cfg.vocab_size - 1  # it adds EOD
+    if hf_architecture(cfg) == hf_deepseek.DEEPSEEK_V3:  # DeepSeek's MTP modules, when the files hold them
+        cfg.model.mtp_num_layers = hf_deepseek.mtp_layers_in(hf_sd, cfg.model.num_layers) or None
     state_dict = from_hf_state_dict(cfg, hf_sd)
     dtype = DTYPES.get(dtype, dtype)
     if dtype is not None:
@@ -76,6 +80,8 @@ def training_flags(cfg: Config) -> list[str]:
         flags += ["--multi-latent-attention", "--kv-lora-rank", m.kv_lora_rank, "--qk-head-dim", m.qk_head_dim,
                   "--qk-pos-emb-head-dim", m.qk_pos_emb_head_dim, "--v-head-dim", m.v_head_dim]
         flags += ["--q-lora-rank", m.q_lora_rank] if m.q_lora_rank else []
+    if m.mtp_num_layers:
+        flags += ["--mtp-num-layers", m.mtp_num_layers, "--mtp-loss-scaling-factor", m.mtp_loss_scaling_factor]
     if m.rope_type == "yarn":
         flags += ["--rope-type", "yarn", "--rotary-scaling-factor", m.rotary_scaling_factor,
                   "--original-max-position-embeddings", m.original_max_position_embeddings,

@@ -88,7 +88,7 @@ def hf_architecture(cfg: Config) -> str:
 # megaflow -> HF
 
 def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=None, eos_token_id=None,
-                 pad_token_id=None) -> dict:
+                 pad_token_id=None, keep_mtp: bool = False) -> dict:
     """config.json for the exported folder (written without importing transformers)."""
     m, arch = cfg.model, hf_architecture(cfg)
     dtype_name = str(dtype).replace("torch.", "")
@@ -99,7 +99,7 @@ def to_hf_config(cfg: Config, dtype: torch.dtype = torch.float32, bos_token_id=N
               # transformers 5 reads "dtype", older readers (vLLM's pinned transformers) "torch_dtype".
               "dtype": dtype_name, "torch_dtype": dtype_name}
     if arch == hf_deepseek.DEEPSEEK_V3:
-        return hf_deepseek.to_deepseek_config(cfg, common)
+        return hf_deepseek.to_deepseek_config(cfg, common, keep_mtp)
     if arch != LLAMA and arch in LLAMA_FAMILY:
         llama = to_hf_config(_llama_like(cfg), dtype, bos_token_id, eos_token_id, pad_token_id)
         return hf_moe.to_mixtral_config(cfg, llama) if arch == hf_moe.MIXTRAL else hf_qwen.to_qwen_config(cfg, arch, llama)
@@ -132,48 +132,60 @@ def _llama_like(cfg: Config) -> Config:
     return out
 
 
-def to_hf_state_dict(cfg: Config, sd: dict, dtype: torch.dtype | None = None) -> dict:
-    """HF tensors (contiguous, vocabulary padding removed) from a full megaflow state dict."""
+def to_hf_state_dict(cfg: Config, sd: dict, dtype: torch.dtype | None = None, keep_mtp: bool = False) -> dict:
+    """HF tensors (contiguous, vocabulary padding removed) from a full megaflow state dict; keep_mtp
+    writes the multi-token-prediction layers in DeepSeek-V3's layout (hf_deepseek.py)."""
     m, arch, vocab = cfg.model, hf_architecture(cfg), cfg.vocab_size
+    if keep_mtp and m.mtp_num_layers and arch != hf_deepseek.DEEPSEEK_V3:
+        raise ConversionError(f"{arch} has no layout for multi-token-prediction layers (DeepSeek-V3 has)")
     d = _head_dim(m)
     q_size, kv_size = m.num_attention_heads * d, m.num_query_groups * d
     out = {}
-    for name, t in _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
+    for name, t in _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size, keep_mtp):
         t = t.detach()
         out[name] = (t.to(dtype) if dtype is not None else t).contiguous()
     return out
 
 
-def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size):
+def _layer_pairs_to_hf(cfg, sd, arch, i, p, h, q_size, kv_size):
+    """(HF name, tensor) of Llama-family decoder layer i: ours under p, theirs under h."""
+    m = cfg.model
+    kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
+    qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
+    yield h + "input_layernorm.weight", sd[p + "input_norm.weight"]
+    yield h + "post_attention_layernorm.weight", sd[p + "pre_mlp_norm.weight"]
+    if m.multi_latent_attention:
+        yield from hf_deepseek.mla_pairs_to_hf(m, sd, p + "self_attention.", h + "self_attn.")
+    else:
+        yield from _attention_pairs_to_hf(sd, p + "self_attention.", h + "self_attn.", qkv_kinds, kinds,
+                                          q_size, kv_size)
+    if m.qk_layernorm:
+        yield h + "self_attn.q_norm.weight", sd[p + "self_attention.q_layernorm.weight"]
+        yield h + "self_attn.k_norm.weight", sd[p + "self_attention.k_layernorm.weight"]
+    if is_moe_layer(cfg, i):
+        yield from hf_moe.moe_pairs_to_hf(cfg, arch, sd, p + "mlp.", h)
+        return
+    for kind in kinds:
+        gate, up = sd[p + f"mlp.linear_fc1.{kind}"].chunk(2)
+        yield h + f"mlp.gate_proj.{kind}", gate
+        yield h + f"mlp.up_proj.{kind}", up
+        yield h + f"mlp.down_proj.{kind}", sd[p + f"mlp.linear_fc2.{kind}"]
+
+
+def _hf_pairs_to(cfg, sd, arch, vocab, q_size, kv_size, keep_mtp=False):
     m = cfg.model
     tied = not m.untie_embeddings_and_output_weights
     if arch in LLAMA_FAMILY:
-        kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
-        qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
         yield "model.embed_tokens.weight", sd["word_embeddings.weight"][:vocab]
         for i in range(m.num_layers):
-            p, h = f"layers.{i}.", f"model.layers.{i}."
-            yield h + "input_layernorm.weight", sd[p + "input_norm.weight"]
-            yield h + "post_attention_layernorm.weight", sd[p + "pre_mlp_norm.weight"]
-            if m.multi_latent_attention:
-                yield from hf_deepseek.mla_pairs_to_hf(m, sd, p + "self_attention.", h + "self_attn.")
-            else:
-                yield from _attention_pairs_to_hf(sd, p + "self_attention.", h + "self_attn.", qkv_kinds, kinds,
-                                                  q_size, kv_size)
-            if m.qk_layernorm:
-                yield h + "self_attn.q_norm.weight", sd[p + "self_attention.q_layernorm.weight"]
-                yield h + "self_attn.k_norm.weight", sd[p + "self_attention.k_layernorm.weight"]
-            if is_moe_layer(cfg, i):
-                yield from hf_moe.moe_pairs_to_hf(cfg, arch, sd, p + "mlp.", h)
-                continue
-            for kind in kinds:
-                gate, up = sd[p + f"mlp.linear_fc1.{kind}"].chunk(2)
-                yield h + f"mlp.gate_proj.{kind}", gate
-                yield h + f"mlp.up_proj.{kind}", up
-                yield h + f"mlp.down_proj.{kind}", sd[p + f"mlp.linear_fc2.{kind}"]
+            yield from _layer_pairs_to_hf(cfg, sd, arch, i, f"layers.{i}.", f"model.layers.{i}.", q_size, kv_size)
         yield "model.norm.weight", sd["final_norm.weight"]
         if not tied:
             yield "lm_head.weight", sd["output_layer.weight"][:vocab]
+        for k in range((m.mtp_num_layers or 0) if keep_mtp else 0):
+            ours, theirs, i = f"mtp.layers.{k}.", f"model.layers.{m.num_layers + k}.", m.num_layers + k
+            yield from _layer_pairs_to_hf(cfg, sd, arch, i, ours + "layer.", theirs, q_size, kv_size)
+            yield from hf_deepseek.mtp_pairs_to_hf(sd, ours, theirs, vocab, tied)
         return
     yield "transformer.wte.weight", sd["word_embeddings.weight"][:vocab]
     yield "transformer.wpe.weight", sd["position_embeddings.weight"]
@@ -281,9 +293,10 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
     if arch == GPT2:  # the original OpenAI files name weights without the "transformer." prefix
         hf_sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
                  for k, v in hf_sd.items()}
-    if arch == hf_deepseek.DEEPSEEK_V3:  # DeepSeek's multi-token-prediction layers follow the last layer
+    if arch == hf_deepseek.DEEPSEEK_V3:  # DeepSeek's multi-token-prediction layers follow the last layer:
+        last = m.num_layers + (m.mtp_num_layers or 0)    # kept as megaflow's MTP modules, or dropped
         hf_sd = {k: v for k, v in hf_sd.items()
-                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= m.num_layers)}
+                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= last)}
     tied = not m.untie_embeddings_and_output_weights
     if tied:
         hf_sd.pop("lm_head.weight", None)  # some writers store the tied copy too
@@ -296,32 +309,16 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
         return hf_sd[name]
 
     if arch in LLAMA_FAMILY:
-        kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
-        qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
         out["word_embeddings.weight"] = take("model.embed_tokens.weight")
         for i in range(m.num_layers):
-            p, h = f"layers.{i}.", f"model.layers.{i}."
-            out[p + "input_norm.weight"] = take(h + "input_layernorm.weight")
-            out[p + "pre_mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
-            if m.multi_latent_attention:
-                out.update(hf_deepseek.mla_from_hf(m, take, p + "self_attention.", h + "self_attn."))
-            else:
-                for kind in qkv_kinds:
-                    out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat(
-                        [take(h + f"self_attn.{x}_proj.{kind}") for x in "qkv"])
-                for kind in kinds:
-                    out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
-            if m.qk_layernorm:
-                out[p + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
-                out[p + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")
-            if is_moe_layer(cfg, i):
-                out.update(hf_moe.moe_from_hf(cfg, arch, take, p + "mlp.", h))
-                continue
-            for kind in kinds:
-                out[p + f"mlp.linear_fc1.{kind}"] = torch.cat([take(h + f"mlp.gate_proj.{kind}"),
-                                                               take(h + f"mlp.up_proj.{kind}")])
-                out[p + f"mlp.linear_fc2.{kind}"] = take(h + f"mlp.down_proj.{kind}")
+            out.update(_layer_from_hf(cfg, arch, take, i, f"layers.{i}.", f"model.layers.{i}."))
         out["final_norm.weight"] = take("model.norm.weight")
+        if not tied:
+            out["output_layer.weight"] = take("lm_head.weight")
+        for k in range((m.mtp_num_layers or 0) if arch == hf_deepseek.DEEPSEEK_V3 else 0):
+            ours, theirs, i = f"mtp.layers.{k}.", f"model.layers.{m.num_layers + k}.", m.num_layers + k
+            out.update(_layer_from_hf(cfg, arch, take, i, ours + "layer.", theirs))
+            out.update(hf_deepseek.mtp_from_hf(take, ours, theirs, out, tied))
     else:
         out["word_embeddings.weight"] = take("transformer.wte.weight")
         out["position_embeddings.weight"] = take("transformer.wpe.weight")
@@ -337,8 +334,8 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
                 out[p + ours + ".bias"] = take(h + theirs + ".bias")
         out["final_norm.weight"] = take("transformer.ln_f.weight")
         out["final_norm.bias"] = take("transformer.ln_f.bias")
-    if not tied:
-        out["output_layer.weight"] = take("lm_head.weight")
+        if not tied:
+            out["output_layer.weight"] = take("lm_head.weight")
     unused = sorted(set(hf_sd) - used)
     if unused:
         raise ConversionError(f"HF weights not understood by the {arch} mapping: {unused[:8]}")
@@ -349,3 +346,31 @@ def from_hf_state_dict(cfg: Config, hf_sd: dict) -> dict:
                                       f"{cfg.vocab_size}")
             out[name] = pad_rows(out[name], cfg.vocab_size, cfg.padded_vocab_size)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _layer_from_hf(cfg, arch, take, i, p, h) -> dict:
+    """megaflow tensors of Llama-family decoder layer i: ours under p, theirs under h."""
+    m, out = cfg.model, {}
+    kinds = ("weight", "bias") if m.add_bias_linear else ("weight",)
+    qkv_kinds = ("weight", "bias") if m.add_bias_linear or m.add_qkv_bias else ("weight",)
+    out[p + "input_norm.weight"] = take(h + "input_layernorm.weight")
+    out[p + "pre_mlp_norm.weight"] = take(h + "post_attention_layernorm.weight")
+    if m.multi_latent_attention:
+        out.update(hf_deepseek.mla_from_hf(m, take, p + "self_attention.", h + "self_attn."))
+    else:
+        for kind in qkv_kinds:
+            out[p + f"self_attention.linear_qkv.{kind}"] = torch.cat([take(h + f"self_attn.{x}_proj.{kind}")
+                                                                      for x in "qkv"])
+        for kind in kinds:
+            out[p + f"self_attention.linear_proj.{kind}"] = take(h + f"self_attn.o_proj.{kind}")
+    if m.qk_layernorm:
+        out[p + "self_attention.q_layernorm.weight"] = take(h + "self_attn.q_norm.weight")
+        out[p + "self_attention.k_layernorm.weight"] = take(h + "self_attn.k_norm.weight")
+    if is_moe_layer(cfg, i):
+        out.update(hf_moe.moe_from_hf(cfg, arch, take, p + "mlp.", h))
+        return out
+    for kind in kinds:
+        out[p + f"mlp.linear_fc1.{kind}"] = torch.cat([take(h + f"mlp.gate_proj.{kind}"),
+                                                       take(h + f"mlp.up_proj.{kind}")])
+        out[p + f"mlp.linear_fc2.{kind}"] = take(h + f"mlp.down_proj.{kind}")
+    return out

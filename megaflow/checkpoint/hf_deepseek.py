@@ -17,6 +17,15 @@ and route as DeepSeek-V3 does: sigmoid scores, the chosen ones renormalised (nor
     mlp.experts.local_experts.e.linear_fc1 [gate; up], linear_fc2       mlp.experts.e.gate_proj, up_proj, down_proj
     mlp.shared_experts.linear_fc1 [gate; up], linear_fc2                mlp.shared_experts.gate_proj, up_proj, down_proj
 
+Multi-token prediction (model/mtp.py): DeepSeek-V3's released weights hold module k as decoder layer
+num_hidden_layers + k (config num_nextn_predict_layers), which transformers ignores on load. An export
+keeps them there only when asked (convert_to_hf.py --export-mtp); an import keeps those it finds:
+
+    mtp.layers.k.enorm / hnorm / eh_proj ([embedding; hidden] inputs)   model.layers.{n+k}.enorm / hnorm / eh_proj
+    mtp.layers.k.final_norm                                             model.layers.{n+k}.shared_head.norm
+    mtp.layers.k.layer.*                                                model.layers.{n+k}.* (the decoder layer)
+    (the model's own embedding and output layer)                        model.layers.{n+k}.embed_tokens / shared_head.head
+
 RoPE layout: DeepSeek's checkpoints (rope_interleave = true, which transformers and vLLM read) store the
 positional features of q_b_proj's heads and of kv_a_proj_with_mqa as interleaved pairs (x0, x1), (x2, x3)...;
 megaflow rotates halves (kernels/rope.py), so those rows are permuted on the way in and out.
@@ -64,8 +73,9 @@ def _rope_parameters(m) -> dict:
             "beta_slow": m.beta_slow, "mscale": m.mscale, "mscale_all_dim": m.mscale_all_dim}
 
 
-def to_deepseek_config(cfg, common: dict) -> dict:
-    """config.json; common holds the fields every architecture writes (vocabulary, ids, dtype, tying)."""
+def to_deepseek_config(cfg, common: dict, keep_mtp: bool = False) -> dict:
+    """config.json; common holds the fields every architecture writes (vocabulary, ids, dtype, tying).
+    keep_mtp: the multi-token-prediction layers are exported too (num_nextn_predict_layers)."""
     from megaflow.config import parse_layer_freq
     m, e = cfg.model, cfg.moe
     moe = e.num_experts is not None
@@ -84,7 +94,7 @@ def to_deepseek_config(cfg, common: dict) -> dict:
                rope_theta=float(m.rotary_base), rope_parameters=rope, rope_scaling=legacy_rope, rope_interleave=True,
                attention_bias=False, attention_dropout=m.attention_dropout,
                first_k_dense_replace=pattern.index(1) if 1 in pattern else m.num_layers, moe_layer_freq=1,
-               num_mtp_layers=0, num_nextn_predict_layers=0)
+               num_nextn_predict_layers=(m.mtp_num_layers or 0) if keep_mtp else 0)
     if moe:
         groups = e.moe_router_num_groups
         out.update(n_routed_experts=e.num_experts, num_experts_per_tok=e.moe_router_topk,
@@ -191,4 +201,36 @@ def mla_from_hf(m, take, ours: str, theirs: str) -> dict:
     out[ours + "kv_layernorm.weight"] = take(theirs + "kv_a_layernorm.weight")
     out[ours + "linear_kv_up_proj.weight"] = take(theirs + "kv_b_proj.weight")
     out[ours + "linear_proj.weight"] = take(theirs + "o_proj.weight")
+    return out
+
+
+def mtp_layers_in(hf_sd: dict, num_layers: int) -> int:
+    """How many multi-token-prediction modules a DeepSeek-V3 state dict holds after its num_layers."""
+    k = 0
+    while f"model.layers.{num_layers + k}.eh_proj.weight" in hf_sd:
+        k += 1
+    return k
+
+
+def mtp_pairs_to_hf(sd: dict, ours: str, theirs: str, vocab: int, tied: bool):
+    """(HF name, tensor) of an MTP module's own weights (its decoder layer aside), with the copies of the
+    embedding and output layer DeepSeek's files keep beside each module."""
+    for mine, hf in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("final_norm", "shared_head.norm")):
+        yield theirs + hf + ".weight", sd[ours + mine + ".weight"]
+    yield theirs + "embed_tokens.weight", sd["word_embeddings.weight"][:vocab]
+    yield theirs + "shared_head.head.weight", sd["word_embeddings.weight" if tied else "output_layer.weight"][:vocab]
+
+
+def mtp_from_hf(take, ours: str, theirs: str, main: dict, tied: bool) -> dict:
+    """An MTP module's own megaflow tensors; its embedding and head copies must equal the model's, which
+    megaflow's MTP modules use (main: the tensors imported so far, vocabulary not yet padded)."""
+    from megaflow.checkpoint.hf import ConversionError
+    out = {ours + mine + ".weight": take(theirs + hf + ".weight")
+           for mine, hf in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                            ("final_norm", "shared_head.norm"))}
+    for hf, mine in (("embed_tokens", "word_embeddings"), ("shared_head.head", "word_embeddings" if tied
+                                                            else "output_layer")):
+        if not torch.equal(take(theirs + hf + ".weight"), main[mine + ".weight"]):
+            raise ConversionError(f"{theirs}{hf}.weight differs from the model's {mine}: megaflow's "
+                                  "multi-token-prediction modules share the model's embedding and output layer")
     return out

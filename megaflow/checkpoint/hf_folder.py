@@ -42,14 +42,16 @@ def parse_size(text) -> int:
 
 
 def save_hf_folder(cfg, state_dict: dict, out_dir: str, dtype: torch.dtype = torch.float32,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: bool = True) -> dict:
-    """Export a full megaflow state dict (checkpoint/full_state.py) as an HF folder; returns config.json."""
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: bool = True,
+                   keep_mtp: bool = False) -> dict:
+    """Export a full megaflow state dict (checkpoint/full_state.py) as an HF folder; returns config.json.
+    keep_mtp: also the multi-token-prediction layers, in DeepSeek-V3's layout."""
     os.makedirs(out_dir, exist_ok=True)
     special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if tokenizer:
         special = export_tokenizer(cfg.data, out_dir, cfg.model.max_position_embeddings)
-    hf_config = to_hf_config(cfg, dtype, **special)
-    hf_sd = to_hf_state_dict(cfg, state_dict, dtype)
+    hf_config = to_hf_config(cfg, dtype, **special, keep_mtp=keep_mtp)
+    hf_sd = to_hf_state_dict(cfg, state_dict, dtype, keep_mtp)
     _remove_old_weights(out_dir)
     save_safetensors(hf_sd, out_dir, max_shard_bytes)
     _write_json(os.path.join(out_dir, "config.json"), hf_config)

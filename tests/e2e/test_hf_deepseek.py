@@ -2,7 +2,8 @@
 folder transformers loads as DeepseekV3ForCausalLM, with the same logits (fp32, ≤1e-4) and greedy
 continuation: one with DeepSeek-V3's whole shape (query latent, YaRN, a leading dense layer, then MoE
 layers with sigmoid routing, expert bias, group-limited choice, scaled weights and a shared expert, and a
-multi-token-prediction module, kept in megaflow's checkpoint and dropped on export as transformers has none),
+multi-token-prediction module, kept in megaflow's checkpoint and dropped on export as transformers has none,
+or with --export-mtp written in DeepSeek's own layout and imported back),
 one dense without a query latent and with plain RoPE. Importing the folder back at TP=2 × PP=2 and
 exporting again gives identical tensors; models DeepSeek-V3 cannot express are refused."""
 import json
@@ -94,6 +95,36 @@ def test_import_at_tp2_pp2_and_export_again_is_identical(exported, name, tmp_pat
     for key in ("model_type", "first_k_dense_replace", "rope_parameters", "n_group", "topk_group",
                 "routed_scaling_factor", "q_lora_rank", "kv_lora_rank"):
         assert written[key] == original[key], key
+
+
+def test_multi_token_prediction_layers_export_and_import_in_deepseeks_layout(exported, tmp_path):
+    """--export-mtp writes the MTP module as DeepSeek's released weights hold it (decoder layer n, with
+    enorm / hnorm / eh_proj / shared_head and copies of the embedding and head); transformers still loads
+    the folder as before; importing keeps the module, weights equal, and exporting again is identical."""
+    root, _ = exported["v3"]
+    config = export_to_hf(str(root / "ckpt"), str(tmp_path / "hf"), keep_mtp=True)
+    assert config["num_nextn_predict_layers"] == 1 and config["num_hidden_layers"] == 4
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens",
+                 "self_attn.q_a_proj", "mlp.gate", "mlp.shared_experts.down_proj"):
+        assert f"model.layers.4.{name}.weight" in tensors, name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32,
+                                                           local_files_only=True)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32,
+                                                              local_files_only=True)
+    ids = torch.tensor([[10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, plain(ids).logits)        # the extra layer changes nothing there
+    cfg = import_from_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"), tp=2, pp=2)
+    assert cfg.model.mtp_num_layers == 1 and "--mtp-num-layers" in training_flags(cfg)
+    original, imported = CheckpointReader(str(root / "ckpt")), CheckpointReader(str(tmp_path / "ckpt"))
+    mtp = [n for n in original.names("model") if n.startswith("mtp.layers.0.")]
+    assert len(mtp) > 10 and set(mtp) <= set(imported.names("model"))
+    for name in mtp:
+        assert torch.equal(original.assemble("model/" + name), imported.assemble("model/" + name)), name
+    export_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf2"), keep_mtp=True)
+    again = load_file(tmp_path / "hf2" / "model.safetensors")
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 
 
 @pytest.mark.parametrize("flags, reason", [

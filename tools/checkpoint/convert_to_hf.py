@@ -1,7 +1,7 @@
 """Export a megaflow checkpoint (any TP/PP/DP/ZeRO layout) as a Hugging Face model folder.
 
     python tools/checkpoint/convert_to_hf.py --load CKPT_DIR --save HF_DIR [--iteration N]
-        [--dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--tokenizer-model PATH]
+        [--dtype fp32|bf16|fp16] [--max-shard-size 50GB] [--tokenizer-model PATH] [--export-mtp]
 
 The folder loads with transformers' AutoModelForCausalLM (LlamaForCausalLM or GPT2LMHeadModel) and
 serves with vLLM (tools/serve.py). See docs/conversion.md.
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer-model", default=None,
                    help="tokenizer file/folder to export, if not where the checkpoint's config says")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
+    p.add_argument("--export-mtp", action="store_true",
+                   help="DeepSeek-V3: also write the multi-token-prediction layers, as DeepSeek's released "
+                        "weights hold them (layers after the last; transformers ignores them, vLLM's MTP reads them)")
     args = p.parse_args(argv)
     try:
         max_shard_bytes = parse_size(args.max_shard_size)
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
         p.error(f"--max-shard-size {args.max_shard_size!r}: {e}")
     with naming("--load", args.load):
         config = export_to_hf(args.load, args.save, args.iteration, DTYPES[args.dtype], max_shard_bytes,
-                              args.tokenizer_model, tokenizer=not args.no_tokenizer)
+                              args.tokenizer_model, tokenizer=not args.no_tokenizer, keep_mtp=args.export_mtp)
     print(f"exported {config['architectures'][0]} ({args.dtype}) to {args.save}")
     return 0
 
