@@ -41,7 +41,8 @@ def check_like(ranks, ref, iterations):
         assert losses[it] == pytest.approx(ref["losses"][it], rel=1e-5, abs=1e-6), it
     for r in ranks:
         for n, w in r["weights"].items():
-            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6, msg=f"rank {r['rank']} {n}")
+            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, r=r, n=n: f"rank {r['rank']} {n}: {m}")  # with the figures
 
 
 def test_tp2_dp2_zero_equals_one_process(runs):
