@@ -49,8 +49,9 @@ CONFIGS = {
 }
 # Adam divides each gradient by its own running scale, so fp32 rounding in a near-zero gradient shows
 # in the step: in the MLA runs one word-embedding entry of 19,200 ends 1.9e-6 and 2.4e-6 off (the next
-# worst 6e-8 and 1e-6) while losses, norms and every other weight agree; the MoE tests allow 5e-6 too.
-ATOL = {"deepseek_zero1_sp": 5e-6, "mla_zero3_interleaved": 5e-6}
+# worst 6e-8 and 1e-6), in the MTP run (since its eh_proj takes the embedding first) one entry 3.5e-6
+# off, while losses, norms and every other weight agree; the MoE tests allow 5e-6 too.
+ATOL = {"deepseek_zero1_sp": 5e-6, "mla_zero3_interleaved": 5e-6, "mtp_zero1_sp": 5e-6}
 REFERENCES = {"llama": LLAMA, "gpt2": GPT2, "qwen3": QWEN3, "qwen2": QWEN2, "deepseek": DEEPSEEK_MLA, "mla": MLA,
               "mtp": MTP, "gpt2mtp": GPT2_MTP}
 
@@ -86,7 +87,8 @@ def test_tp2_pp2_dp2_equals_single_process(results, name):
     for r in ranks:                                                # and every rank is right
         assert r["padded_vocab_size"] == 512 and r["padding_max"] == 0.0, r["rank"]
         for n, w in r["weights"].items():
-            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=ATOL.get(name, 1e-6), msg=f"rank {r['rank']} {n}")
+            torch.testing.assert_close(w, ref["weights"][n], rtol=1e-5, atol=ATOL.get(name, 1e-6),
+                                       msg=lambda m, r=r, n=n: f"rank {r['rank']} {n}: {m}")
 
 
 def test_zero_shards_optimizer_state_on_every_rank_of_the_grid(results):
