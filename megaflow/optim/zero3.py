@@ -15,7 +15,8 @@ Units: each transformer layer of a model chunk, and the chunk itself for the par
 layers (embeddings, final norm, output layer; the tied word embedding is used by the chunk's own
 forward for the logits, so only the chunk's hooks enclose every use). The chunk unit stays gathered
 from the chunk's forward through its backward (freed after it, gathered again by the next micro-batch's
-forward if that comes first, as in 1F1B); layers come and go: at most the chunk
+forward if that comes first, as in 1F1B); so does the last layer when there is no pipeline (its
+backward comes next); layers come and go: at most the chunk
 unit and two layers (the current one and the prefetched one) are gathered at a time, k + 1 layers
 under full recompute of k-layer blocks (a recomputed block runs its layers' forwards together).
 
@@ -45,6 +46,7 @@ import torch
 
 from megaflow.optim.grad_buffer import _all_gather, bucket_params
 from megaflow.optim.sharded_grads import ShardedGradSync
+from megaflow.parallel import state
 from megaflow.parallel.device import SideStream
 
 FREE, GATHERING, GATHERED = "free", "gathering", "gathered"
@@ -84,6 +86,11 @@ class Zero3Sync(ShardedGradSync):
     def __init__(self, chunks: list, bucket_size: int | None = None, prefetch: bool = True,
                  reshard_after_forward: bool = True):
         self.prefetch, self.reshard_after_forward = prefetch, reshard_after_forward
+        # Without a pipeline a micro-batch's backward follows its forward at once, starting with the last
+        # layer: keeping that layer gathered saves re-gathering it (torchtitan's choice for its last
+        # block) within the same bound, the chunk's unit and two layers. Under PP other micro-batches'
+        # forwards come between, so every layer is freed there.
+        self.keep_last_layer = state.get().pp_size == 1
         self.units_of_chunk = [self._plan_units(c) for c in chunks]
         plans = iter(self.units_of_chunk)
         super().__init__(chunks, bucket_size, shard_params=True,
@@ -160,10 +167,12 @@ class Zero3Sync(ShardedGradSync):
                     t.register_hook(lambda _g, u=u: self._pre_backward(u))
                     hooked = True
                     break
-        if not hooked or (u.name != "chunk" and self.reshard_after_forward):
+        last_layer = self.keep_last_layer and u.next_forward is None
+        if not hooked or (u.name != "chunk" and self.reshard_after_forward and not last_layer):
             # The chunk's own unit stays until its backward (as FSDP2 keeps its root): the output
             # layer's backward is the first thing backward needs, and the unit is in the bound anyway.
-            # --no-reshard-after-forward keeps every unit so (freed after its backward).
+            # --no-reshard-after-forward keeps every unit so (freed after its backward); without PP
+            # the last layer too (keep_last_layer).
             self._free(u)
 
     def _pre_backward(self, u: Unit) -> None:

@@ -92,8 +92,9 @@ def test_zero3_gathers_per_layer_with_prefetch_and_bounded_live_layers(results):
         units = r["unit_bytes"]                                 # the chunk unit + 4 layers
         assert len(units) == 5 and "chunk" in units
         layers = sorted((b for n, b in units.items() if n != "chunk"), reverse=True)
-        # per step, 2 micro-batches x (forward + backward) x 5 units gathers; evaluation adds more
-        assert r["gathers"] >= 4 * 2 * 2 * 5
+        # per step and micro-batch (2): 5 units gathered for forward, 3 again for backward (the chunk
+        # unit and the last layer stay gathered in between: no pipeline); evaluation adds more
+        assert r["gathers"] >= 4 * 2 * (5 + 3)
         assert r["gathers_waited_in_forward"] > 0                # prefetched gathers waited by a forward hook
         assert r["peak_gathered"] <= units["chunk"] + layers[0] + layers[1]
 
