@@ -212,10 +212,14 @@ def mtp_layers_in(hf_sd: dict, num_layers: int) -> int:
     return k
 
 
+# An MTP module's own weights (its decoder layer aside): megaflow's name, DeepSeek's.
+_MTP_OWN = (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("final_norm", "shared_head.norm"))
+
+
 def mtp_pairs_to_hf(sd: dict, ours: str, theirs: str, vocab: int, tied: bool):
     """(HF name, tensor) of an MTP module's own weights (its decoder layer aside), with the copies of the
     embedding and output layer DeepSeek's files keep beside each module."""
-    for mine, hf in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("final_norm", "shared_head.norm")):
+    for mine, hf in _MTP_OWN:
         yield theirs + hf + ".weight", sd[ours + mine + ".weight"]
     yield theirs + "embed_tokens.weight", sd["word_embeddings.weight"][:vocab]
     yield theirs + "shared_head.head.weight", sd["word_embeddings.weight" if tied else "output_layer.weight"][:vocab]
@@ -225,9 +229,7 @@ def mtp_from_hf(take, ours: str, theirs: str, main: dict, tied: bool) -> dict:
     """An MTP module's own megaflow tensors; its embedding and head copies must equal the model's, which
     megaflow's MTP modules use (main: the tensors imported so far, vocabulary not yet padded)."""
     from megaflow.checkpoint.hf import ConversionError
-    out = {ours + mine + ".weight": take(theirs + hf + ".weight")
-           for mine, hf in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
-                            ("final_norm", "shared_head.norm"))}
+    out = {ours + mine + ".weight": take(theirs + hf + ".weight") for mine, hf in _MTP_OWN}
     for hf, mine in (("embed_tokens", "word_embeddings"), ("shared_head.head", "word_embeddings" if tied
                                                             else "output_layer")):
         if not torch.equal(take(theirs + hf + ".weight"), main[mine + ".weight"]):

@@ -95,7 +95,7 @@ class _GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def check_counts(x, w, counts) -> list:
+def _check_counts(x, w, counts) -> list:
     counts = [int(c) for c in counts]
     if len(counts) != w.shape[0] or sum(counts) != x.shape[0]:
         raise ValueError(f"grouped_linear: counts {counts} do not match x {tuple(x.shape)} and w {tuple(w.shape)}")
@@ -104,7 +104,7 @@ def check_counts(x, w, counts) -> list:
 
 def grouped_linear(x, w, counts, backend: str = "auto"):
     """y = per-expert x_e @ w[e].T over consecutive row runs of `counts` (a list of ints)."""
-    counts = check_counts(x, w, counts)
+    counts = _check_counts(x, w, counts)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"unknown grouped GEMM backend {backend!r} (auto, torch, triton)")
     return _GroupedLinear.apply(x, w, counts, backend)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaflow.kernels.grouped_gemm import row_offsets, grouped_products
-from megaflow.kernels.swiglu import swiglu
 from megaflow.kernels.dispatch import resolve_backend
+from megaflow.kernels.grouped_gemm import grouped_products, row_offsets
+from megaflow.kernels.swiglu import swiglu
 from megaflow.layers.linear import add_weight_grad_to_main_grad, fuses_grad_accumulation
 from megaflow.layers.sharding import mark_tensor_parallel
 from megaflow.parallel import state
