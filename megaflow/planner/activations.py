@@ -33,7 +33,8 @@ Per transformer layer:
     MLP           GeLU: fc1 output + GeLU output 2·a·t·f | SwiGLU cpu: gate, up 2·a·t·f + silu(gate) +
                   product 2·a·t·f | cuda: gate, up + product 3·a·t·f
 MoE layers: the router's scores, choices and weights; the ts·k routed tokens in the GEMM dtype (a
-balanced load: every expert rank computes ts·k of them), each expert's MLP over them, the experts'
+balanced load: every expert rank computes ts·k of them; with a capacity C per expert, min(ts·k, E·C), or
+E·C when padded to it), each expert's MLP over them, the experts'
 weights in the GEMM dtype when grouped or autocast; the combine's indices, weights and outputs; a shared
 expert as a dense MLP (its gate: the fp32 output, gate and logit). Multi-latent attention and
 multi-token prediction: _mla_attention, mtp_terms.
@@ -52,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megaflow.config import Config, num_microbatches, virtual_pipeline_size
+from megaflow.layers.moe.dispatcher import capacity
 from megaflow.model.attention import rotary_dim
 from megaflow.planner.params import chunk_flags, head_dim, is_moe_layer, stage_layer_numbers
 
@@ -230,6 +232,9 @@ def _moe(cfg: Config, device: str, D: dict) -> dict:
     local = num // p.expert_model_parallel_size
     f = (e.moe_ffn_hidden_size or m.ffn_hidden_size) // etp
     tk = ts * k * etp                    # routed tokens an expert rank computes (ETP ranks gather theirs)
+    if e.moe_expert_capacity_factor is not None:  # each expert takes at most `cap` of each rank's tokens
+        cap = capacity(ts * etp, k, num, e.moe_expert_capacity_factor)
+        tk = num * cap if e.moe_pad_expert_input_to_capacity else min(tk, num * cap)
     blocks = 3 if m.swiglu else 2
     stacked = e.moe_grouped_gemm or D["autocast"]
     out = {"router": 4 * ts * num + 12 * ts * k + 4 * ts + 4 * num,
@@ -238,6 +243,8 @@ def _moe(cfg: Config, device: str, D: dict) -> dict:
            "expert weights": a * local * blocks * f * h if stacked else 0,
            "grouped gemm offsets": 4 * local * blocks if e.moe_grouped_gemm else 0,
            "combine": 8 * tk + a * tk + a * tk * h}
+    if e.moe_expert_capacity_factor is not None:  # its pairs combine by index_add, which keeps the weighted rows
+        out["combine"] += a * tk * h
     if e.moe_shared_expert_intermediate_size:
         out["shared expert"] = _mlp_bytes(cfg, device, a, D["t"], e.moe_shared_expert_intermediate_size // D["tp"])
         if e.moe_shared_expert_gate:  # sigmoid(x·w) × output: the fp32 output, the gate and its logit

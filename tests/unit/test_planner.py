@@ -30,6 +30,11 @@ def make_cfg(style="llama", world_size=1, **kw):
     if style in ("moe", "moe_gg"):   # a leading dense layer, then MoE layers (issue 17)
         args.update(model_style="llama", num_experts=4, moe_ffn_hidden_size=48, moe_router_topk=2,
                     moe_aux_loss_coeff=0.01, moe_layer_freq="([0]*1+[1]*3)")
+    if style in ("moe_cap", "moe_cap_pad"):   # a capacity dropping tokens (0.5), or padding up to it (1.5)
+        args.update(model_style="llama", num_experts=4, moe_ffn_hidden_size=48, moe_router_topk=2,
+                    moe_layer_freq="1", moe_grouped_gemm=True, moe_expert_capacity_factor=0.5)
+        if style == "moe_cap_pad":
+            args.update(moe_expert_capacity_factor=1.5, moe_pad_expert_input_to_capacity=True)
     if style == "moe_gg":   # grouped GEMM, sigmoid router with expert bias, a gated shared expert
         args.update(moe_grouped_gemm=True, moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                     moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True)
@@ -100,6 +105,7 @@ GRID += [(style, drop, rc, precision) for style, drop, rc, precision in itertool
 GRID += list(itertools.product(["mla"], [0.0, 0.1], [None, "selective", "full"], ["fp32", "bf16 autocast"]))
 GRID += list(itertools.product(["mtp"], [0.0, 0.1], [None, "full"], ["fp32", "bf16 autocast"]))
 GRID += list(itertools.product(["moe", "moe_gg"], [0.0, 0.1], [None, "selective", "full"], ["fp32", "bf16 autocast"]))
+GRID += list(itertools.product(["moe_cap", "moe_cap_pad"], [0.0], [None, "full"], ["fp32", "bf16 autocast"]))
 PRECISION = {"fp32": {}, "bf16 autocast": {"bf16": True},
              "bf16 params": {"bf16": True, "low_precision_params": True}}
 
