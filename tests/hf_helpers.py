@@ -56,9 +56,9 @@ def megaflow_greedy(ckpt, prompt, max_new_tokens) -> list:
 
 
 @contextlib.contextmanager
-def vllm_serving(ckpt, log_path, name="tiny", max_model_len=128, dtype=None):
+def vllm_serving(ckpt, log_path, name="tiny", max_model_len=128):
     """tools/serve.py as a user runs it (exports the checkpoint on the fly, starts vLLM on 127.0.0.1 on a
-    free port; dtype: serve.py's --dtype); yields the HTTP client; stops vLLM and its workers after."""
+    free port); yields the HTTP client; stops vLLM and its workers after."""
     from megaflow.serving.server import VLLMServer
     from megaflow.serving.vllm_env import ensure_vllm
     from tests.launch import free_port
@@ -67,8 +67,7 @@ def vllm_serving(ckpt, log_path, name="tiny", max_model_len=128, dtype=None):
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--load", str(ckpt),
                              "--port", str(port), "--served-model-name", name, "--enforce-eager",
-                             "--tensor-parallel-size", "1", *(["--dtype", dtype] if dtype else []),
-                             "--", "--max-model-len", str(max_model_len)],
+                             "--tensor-parallel-size", "1", "--", "--max-model-len", str(max_model_len)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
     client = VLLMServer("unused", port=port)  # only for its HTTP helpers
     client.proc, client.log_path = proc, str(log_path)

@@ -40,16 +40,20 @@ def vllm_command(python: str, model_dir: str, host: str = "127.0.0.1", port: int
 
 
 def folder_dtype(model_dir: str) -> Optional[str]:
-    """The dtype an HF folder's config.json declares (float32, bfloat16, ...), or None.
-
-    vLLM's "auto" turns float32 into bfloat16 on CPU, and its bfloat16 CPU kernels need instructions
-    (AMX) that not every x86 CPU has (SIGILL in the worker): serve what was exported instead."""
+    """The dtype to serve an HF folder in: the one its config.json declares (float32, bfloat16, ...), or
+    None. vLLM's "auto" turns float32 into bfloat16 on CPU, and its bfloat16 CPU kernels need
+    instructions (AMX) that not every x86 CPU has (SIGILL in the worker): serve what was exported
+    instead. Except multi-latent attention (DeepSeek-V3: kv_lora_rank), which vLLM runs in 16 bits
+    only: an fp32 export of it is served in bfloat16 (vLLM casts the weights as it loads them)."""
     try:
         with open(os.path.join(model_dir, "config.json")) as fh:
             config = json.load(fh)
     except (OSError, ValueError):
         return None
-    return config.get("dtype") or config.get("torch_dtype")
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if config.get("kv_lora_rank") and dtype == "float32":
+        return "bfloat16"
+    return dtype
 
 
 def vllm_environment(base: Optional[dict] = None) -> dict:
