@@ -309,11 +309,9 @@ class _Trainer:
         path = self.writer.save(r.iteration, self.model, self.optimizer, self.scheduler, self.scaler,
                                 r.consumed_samples, self.cfg.to_json(), extra)
         stall = f"training stalled {self.writer.last_stall:.3f} s"  # what the save cost the loop, on rank 0
-        if path is None:
-            what = "the copies to host follow in the writer thread" if self.writer.staging.defer_host_copies \
-                else "for the copy to host"
+        if path is None:  # (the copies to host are issued, or made by the writer thread: staging.py)
             log.print_rank_0(f"saving checkpoint at iteration {r.iteration} in the background (--async-save): "
-                             f"{stall} ({what})")
+                             f"{stall}")
         else:
             log.print_rank_0(f"checkpoint of iteration {r.iteration} written synchronously ({stall})")
         self._published(path)
@@ -321,7 +319,7 @@ class _Trainer:
     def _published(self, path):
         if path is not None:
             self.result.last_checkpoint = path
-            waited = self.writer.staging.waited if self.writer.staging.defer_host_copies else 0.0
+            waited = self.writer.staging.waited  # by train_step, for the writer thread's copies (async)
             note = f" (training waited {waited:.3f} s for its copies to host)" if waited else ""
             log.print_rank_0(f"saved checkpoint to {path}{note}")
 
