@@ -36,10 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaflow.parallel import state
-
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from megaflow.parallel import collectives, state
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements, Megatron-LM's default with --overlap-grad-reduce
 
@@ -226,6 +223,7 @@ class GradSync:
             for p in buf.params:
                 p.grad = p.main_grad if p.dtype == torch.float32 else None
         self._next = 0
+        self._in_flight = []  # launched gloo reduce-scatters, oldest first (_launch bounds them)
 
     def _make_hook(self, buf: GradBuffer):
         def hook(p):
@@ -260,7 +258,15 @@ class GradSync:
             return
         if self.reduce_scatter:
             lo, hi = b.shard(buf.dp_rank, buf.dp_size)
-            b.grad_handle = _reduce_scatter(b.grad_data[lo:hi], b.grad_data, group=buf.group, async_op=True)
+            b.grad_handle = collectives.reduce_scatter(b.grad_data[lo:hi], b.grad_data, group=buf.group,
+                                                        async_op=True)
+            if collectives.holds_input_copy(b.grad_data, buf.group):
+                # gloo: each reduction in flight holds a received copy of its bucket; two at most
+                self._in_flight.append(b)
+                while len(self._in_flight) > 2:
+                    old = self._in_flight.pop(0)
+                    old.grad_handle.wait()
+                    old.grad_handle = None
         else:
             b.grad_handle = dist.all_reduce(b.grad_data, group=buf.group, async_op=True)
 
@@ -302,7 +308,8 @@ class GradSync:
             if b.buffer.dp_size == 1:
                 continue
             lo, hi = b.shard(b.buffer.dp_rank, b.buffer.dp_size)
-            b.param_handle = _all_gather(b.param_data, b.param_data[lo:hi], group=b.buffer.group, async_op=True)
+            b.param_handle = collectives.all_gather(b.param_data, b.param_data[lo:hi], group=b.buffer.group,
+                                                    async_op=True)
 
     def finish_param_sync(self, buckets=None) -> int:
         """Wait for the all-gathers of these buckets (default: all); returns how many were pending."""

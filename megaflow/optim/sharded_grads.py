@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, _reduce_scatter, bucket_params,
-                                        is_expert, lay_out_buckets, sum_replicated_grads)
-from megaflow.parallel import state
+from megaflow.optim.grad_buffer import (DEFAULT_BUCKET_SIZE, Bucket, GradSync, bucket_params, is_expert,
+                                        lay_out_buckets, sum_replicated_grads)
+from megaflow.parallel import collectives, state
 
 
 class ShardedBuffer:
@@ -168,9 +168,11 @@ class ShardedGradSync(GradSync):
             b.grad_shard.add_(full)
             return
         received = torch.empty_like(b.grad_shard)
-        handle = _reduce_scatter(received, full, group=b.buffer.group, async_op=True)
+        handle = collectives.reduce_scatter(received, full, group=b.buffer.group, async_op=True)
         self._in_flight.append((b, handle, received, full))
-        self._drain(self.max_in_flight)
+        # On gloo each reduction also holds a received copy of its bucket (parallel/collectives.py):
+        # one in flight there keeps the transient gradients within the same three buckets.
+        self._drain(1 if collectives.holds_input_copy(full, b.buffer.group) else self.max_in_flight)
 
     def _drain(self, keep: int) -> None:
         """Complete the oldest reductions until at most `keep` are in flight."""

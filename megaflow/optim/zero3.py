@@ -44,9 +44,9 @@ import contextlib
 
 import torch
 
-from megaflow.optim.grad_buffer import _all_gather, bucket_params
+from megaflow.optim.grad_buffer import bucket_params
 from megaflow.optim.sharded_grads import ShardedGradSync
-from megaflow.parallel import state
+from megaflow.parallel import collectives, state
 from megaflow.parallel.device import SideStream
 
 FREE, GATHERING, GATHERED = "free", "gathering", "gathered"
@@ -202,7 +202,7 @@ class Zero3Sync(ShardedGradSync):
                 if b.buffer.dp_size == 1:
                     b.param_data.copy_(send)
                     continue
-                handle = _all_gather(b.param_data, send, group=b.buffer.group, async_op=True)
+                handle = collectives.all_gather(b.param_data, send, group=b.buffer.group, async_op=True)
                 u.handles.append((handle, send))
         u.state = GATHERING
         if not self.summoned:

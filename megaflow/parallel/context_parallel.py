@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaflow.parallel import state
+from megaflow.parallel import collectives, state
 
 
 def zigzag_runs(cp_rank: int, cp_size: int, local_len: int) -> list:
@@ -86,7 +86,7 @@ def all_gather_stacked(t: torch.Tensor) -> torch.Tensor:
     st, group, _ = _cp()
     t = t.contiguous()
     out = torch.empty((st.cp_size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t, group=group)   # ranks concatenated along dimension 0
+    collectives.all_gather(out, t, group=group)   # ranks concatenated along dimension 0
     return out.unflatten(0, (st.cp_size, t.shape[0]))
 
 
@@ -94,7 +94,7 @@ def reduce_scatter_stacked(t_stacked: torch.Tensor) -> torch.Tensor:
     """The inverse of all_gather_stacked's layout: sum over ranks of [CP, ...], this rank's slot."""
     st, group, _ = _cp()
     out = torch.empty(t_stacked.shape[1:], dtype=t_stacked.dtype, device=t_stacked.device)
-    dist.reduce_scatter_tensor(out, t_stacked.flatten(0, 1).contiguous(), group=group)
+    collectives.reduce_scatter(out, t_stacked.flatten(0, 1).contiguous(), group=group)
     return out
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megaflow.parallel import collectives
 
 
 def group_size(group) -> int:
@@ -53,7 +52,7 @@ def all_to_all(x, out_splits, in_splits, group):
 
 def _gather_first(x, group):
     out = x.new_empty((x.shape[0] * group_size(group),) + tuple(x.shape[1:]))
-    _all_gather(out, x.contiguous(), group=group)
+    collectives.all_gather(out, x.contiguous(), group=group)
     return out
 
 
@@ -62,7 +61,7 @@ def _reduce_scatter_first(x, group):
     if x.shape[0] % n:
         raise ValueError(f"{x.shape[0]} rows cannot be reduce-scattered over {n} ranks")
     out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-    _reduce_scatter(out, x.contiguous(), group=group)
+    collectives.reduce_scatter(out, x.contiguous(), group=group)
     return out
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megaflow.parallel import state
+from megaflow.parallel import collectives, state
 
 
 def _group():
@@ -68,9 +68,7 @@ def _split_first(x):
 def all_gather_sequence(x, async_op: bool = False):
     """[s/tp, ...] on each rank -> [s, ...] in TP-rank order. With async_op, returns (out, work)."""
     out = torch.empty((x.shape[0] * _size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    # all_gather_single is torch >= 2.13's name for all_gather_into_tensor (deprecated there).
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = fn(out, x.contiguous(), group=_group(), async_op=async_op)
+    work = collectives.all_gather(out, x.contiguous(), group=_group(), async_op=async_op)
     return (out, work) if async_op else out
 
 
@@ -78,8 +76,7 @@ def reduce_scatter_sequence(x, async_op: bool = False):
     """[s, ...] partial sums on each rank -> this rank's [s/tp, ...] slice of their sum."""
     _check_divisible(x, 0, "sequence length")
     out = torch.empty((x.shape[0] // _size(),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    work = fn(out, x.contiguous(), group=_group(), async_op=async_op)
+    work = collectives.reduce_scatter(out, x.contiguous(), group=_group(), async_op=async_op)
     return (out, work) if async_op else out
 
 

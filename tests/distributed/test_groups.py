@@ -32,6 +32,10 @@ def test_eight_gloo_processes_build_the_exact_groups(tmp_path):
             mine = next(g for g in groups if rank in g)
             assert r["ranks"][kind] == mine
             assert r["sums"][kind] == float(sum(mine)), kind  # the collective really ran over that group
+        # megaflow's reduce-scatter (gloo: all-to-all + sum in rank order) and all-gather, bit for bit
+        assert r["collectives"] == {
+            "world": {"size": 8, "reduce_scatter": True, "reduce_scatter_in_place_async": True, "all_gather": True},
+            "dp": {"size": 2, "reduce_scatter": True, "reduce_scatter_in_place_async": True, "all_gather": True}}
 
 
 def _old_three_dim_layout(world_size, tp, pp):

@@ -20,7 +20,7 @@ from megaflow.layers import vocab_parallel_cross_entropy
 from megaflow.layers.sharding import shard, unshard
 from megaflow.model import build_model, global_named_parameters
 from megaflow.optim.optimizer import build_optimizer
-from megaflow.parallel import mappings, random, state
+from megaflow.parallel import collectives, mappings, random, state
 from megaflow.training.step import train_step
 
 OUT = sys.argv[1]
@@ -322,11 +322,12 @@ def check_rng():
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. collectives per transformer layer (and per model step), counted at the torch.distributed calls
+# 5. collectives per transformer layer (and per model step), counted at the torch.distributed calls;
+# reduce-scatters at megaflow's own (parallel/collectives.py: an all-to-all and a sum on gloo)
 
-COUNTED = {"all_reduce": "all_reduce", "all_gather": "all_gather", "all_gather_single": "all_gather",
-           "all_gather_into_tensor": "all_gather", "reduce_scatter_single": "reduce_scatter",
-           "reduce_scatter_tensor": "reduce_scatter"}
+COUNTED = {(dist, "all_reduce"): "all_reduce", (dist, "all_gather"): "all_gather",
+           (dist, "all_gather_single"): "all_gather", (dist, "all_gather_into_tensor"): "all_gather",
+           (collectives, "reduce_scatter"): "reduce_scatter"}
 
 
 log_phase = ["fwd"]  # which phase the counted collectives belong to
@@ -335,14 +336,14 @@ log_phase = ["fwd"]  # which phase the counted collectives belong to
 @contextlib.contextmanager
 def counting(log):
     """Record (kind, elements of the full (unsharded) tensor) of every collective on the TP group."""
-    originals = {name: getattr(dist, name) for name in COUNTED}
+    originals = {key: getattr(*key) for key in COUNTED if hasattr(*key)}
 
-    def wrap(name, fn):
+    def wrap(key, fn):
         def counted(*args, **kwargs):
             group = kwargs.get("group")
             if group is state.get().groups.get("tp"):
-                kind, tensors = COUNTED[name], args[:2]
-                if name == "all_gather":
+                kind, tensors = COUNTED[key], args[:2]
+                if key[1] == "all_gather":
                     numel = sum(t.numel() for t in tensors[0])
                 elif kind == "all_reduce":
                     numel = tensors[0].numel()
@@ -352,13 +353,13 @@ def counting(log):
             return fn(*args, **kwargs)
         return counted
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
+    for (module, name), fn in originals.items():
+        setattr(module, name, wrap((module, name), fn))
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+        for (module, name), fn in originals.items():
+            setattr(module, name, fn)
 
 
 
