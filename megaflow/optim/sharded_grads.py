@@ -148,8 +148,11 @@ class ShardedGradSync(GradSync):
                     for gap_lo, gap_hi in b.padding():
                         b.grad_full[gap_lo:gap_hi].zero_()
                 lo, hi = b.offsets[p]
-                # fp32 whatever p.grad's dtype, then the 1/DP of the average while the range is in cache
-                b.grad_full[lo:hi].copy_(p.grad.reshape(-1)).mul_(1.0 / self.dp_size)
+                grad, scale = p.grad.reshape(-1), 1.0 / self.dp_size  # the 1/DP of the average
+                if grad.dtype == torch.float32:  # scaled as it is copied: one pass, the same product
+                    torch.mul(grad, scale, out=b.grad_full[lo:hi])
+                else:  # to fp32 first, then scaled in fp32 while the range is in cache
+                    b.grad_full[lo:hi].copy_(grad).mul_(scale)
                 p.grad = None
                 b.pending -= 1
                 if b.pending == 0:
