@@ -4,8 +4,8 @@
     all_gather(output, input, group)       output = every rank's input, concatenated in rank order
 
 NCCL (any backend but gloo): torch's own reduce-scatter. gloo, megaflow's CPU backend: its
-reduce-scatter costs 2.5x the CPU time and wall time of an all-to-all of the same bytes followed by a
-local sum (bench/gloo_collectives.py: 16 MiB over 4 processes, 37 ms against 15 ms), so there each
+reduce-scatter costs 2.0-2.3x the wall and CPU time of an all-to-all of the same bytes followed by a
+local sum at 3-16 MiB, 1.7x at 64 MiB (bench/gloo_collectives.py, 4 processes), so there each
 rank sends slice j of its input to rank j in one all_to_all_single and adds the N slices it receives,
 in rank order: ((s0 + s1) + s2) + ..., the same order on every rank, every run and any thread count.
 The all-to-all needs a receive buffer as large as the input until the reduction is waited for
@@ -44,8 +44,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None, async_
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False):
     """output [N·k, ...] = the N ranks' input [k, ...] in rank order (all_gather_single is torch
-    >= 2.13's name for all_gather_into_tensor, deprecated there). gloo's all-gather is as fast as any
-    composition of its other collectives (bench/gloo_collectives.py), so it is used everywhere."""
+    >= 2.13's name for all_gather_into_tensor, deprecated there). On gloo too: an all-to-all of
+    the shard repeated N times came within ±10% of it (bench/gloo_collectives.py), for N times the input."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return fn(output, input, group=group, async_op=async_op)
 
