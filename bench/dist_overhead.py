@@ -28,10 +28,7 @@ most parameter bytes megaflow's ZeRO-3 hooks held gathered at once.
 import argparse
 import contextlib
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -39,7 +36,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TP, DP = 2, 2  # --tp 1: TP, DP = 1, 4
 
 
@@ -261,15 +257,9 @@ def worker(a):
 
 
 def main():
+    from launch import worker_or_torchrun
     a = parse()
-    if "WORLD_SIZE" in os.environ:
-        return worker(a)
-    sys.path.insert(0, ROOT)
-    from tests.launch import free_port
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={TP * DP}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", os.path.abspath(__file__), *sys.argv[1:]]
-    sys.exit(subprocess.call(cmd, env=env, cwd=ROOT))
+    worker_or_torchrun(__file__, TP * DP, worker, a)
 
 
 if __name__ == "__main__":

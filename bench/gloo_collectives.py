@@ -12,16 +12,12 @@ a rank receives ((N-1)/N of the input) once in memory, timed alone.
     python bench/gloo_collectives.py [--ranks 4] [--mib 3 16 64] [--reps 20]   (starts torchrun itself)
 """
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse():
@@ -92,15 +88,9 @@ def worker(a):
 
 
 def main():
+    from launch import worker_or_torchrun
     a = parse()
-    if "WORLD_SIZE" in os.environ:
-        return worker(a)
-    sys.path.insert(0, ROOT)
-    from tests.launch import free_port
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.ranks}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", os.path.abspath(__file__), *sys.argv[1:]]
-    sys.exit(subprocess.call(cmd, env=env, cwd=ROOT))
+    worker_or_torchrun(__file__, a.ranks, worker, a)
 
 
 if __name__ == "__main__":
