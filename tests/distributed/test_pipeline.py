@@ -174,7 +174,8 @@ def run_tool(directory, png):
 
 def test_timeline_tool_reports_measured_bubble_beside_theory(pp4, tmp_path):
     """Sleep-emulated stages (F 20 ms, B 40 ms per stage, real processes and transfers): the bubble
-    simulated from the measured op times equals the formula and shrinks with interleaving; the
+    simulated from the measured op times equals the formula (when the stages' measured times agree
+    within 15%: a loaded machine oversleeps some more than others) and shrinks with interleaving; the
     wall-clock bubble is never below the formula (it adds transfer latency, which swings with the
     machine's load, so only a loose upper bound is asserted)."""
     from PIL import Image
@@ -183,7 +184,9 @@ def test_timeline_tool_reports_measured_bubble_beside_theory(pp4, tmp_path):
         rep = run_tool(pp4 / f"timeline_{key}", tmp_path / f"{key}.png")
         assert (rep["pp_size"], rep["virtual_pp_size"], rep["num_microbatches"]) == (4, v, 8)
         assert rep["theory"] == pytest.approx(theoretical_bubble(4, 8, v))
-        assert rep["simulated_with_measured_times"] == pytest.approx(rep["theory"], abs=0.03)
+        f, b = rep["mean_forward_seconds"], rep["mean_backward_seconds"]
+        if max(f) / min(f) < 1.15 and max(b) / min(b) < 1.15:  # load stretches some stages' sleeps more
+            assert rep["simulated_with_measured_times"] == pytest.approx(rep["theory"], abs=0.03)
         assert rep["theory"] - 0.02 < rep["measured"] < 1.0, rep
         assert Image.open(tmp_path / f"{key}.png").size[0] == 1500
         reports[key] = rep
