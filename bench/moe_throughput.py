@@ -10,10 +10,14 @@ each, their ratio, and the ceiling: the step's own matrix multiplications (forwa
 gradients, experts at one step's real tokens per expert; bench/matmul_ceiling.py) timed alone, as a
 fraction of megaflow's step.
 
+With --compile, also both compiled (each decoder layer compiled on its own: megaflow's --compile, whose
+MoE layers run their routing and experts eagerly between compiled graphs; transformers' layers with
+layer.compile()), in the same rotation.
+
 With --ep, also EP=2 against EP=1 on two gloo processes (both DP=2, same batch per rank): the step time
 ratio is what the all-to-all dispatch costs.
 
-    python bench/moe_throughput.py [--steps 10] [--ep]
+    python bench/moe_throughput.py [--steps 10] [--compile] [--ep]
 """
 import argparse
 import os
@@ -56,8 +60,9 @@ def batch_of(tokens):
             "position_ids": torch.arange(SEQ).expand(n, SEQ)}
 
 
-def megaflow_runner():
-    cfg = megaflow_config()
+def megaflow_runner(compile=False):
+    cfg = megaflow_config(compile=compile)
+    torch.manual_seed(0)
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
 
@@ -66,7 +71,7 @@ def megaflow_runner():
     return cfg, model, step
 
 
-def hf_runner(cfg, model):
+def hf_runner(cfg, model, compile=False):
     from transformers import MixtralConfig, MixtralForCausalLM
     config = MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                            num_attention_heads=HEADS, num_key_value_heads=HEADS, num_local_experts=EXPERTS,
@@ -75,6 +80,9 @@ def hf_runner(cfg, model):
                            router_aux_loss_coef=0.0, output_router_logits=False)
     hf = MixtralForCausalLM(config)
     hf.config._attn_implementation = "sdpa"
+    if compile:  # each decoder layer on its own, as megaflow's --compile
+        for layer in hf.model.layers:
+            layer.compile(dynamic=False)
     full = {name: p.detach() for name, p in global_named_parameters(model)}
     hf.load_state_dict(to_hf_state_dict(cfg, full), strict=False)   # same weights (HF fuses experts on load)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.0, fused=True)  # the Trainer's default
@@ -131,39 +139,46 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps of each")
     ap.add_argument("--ep", action="store_true", help="also time EP=2 against EP=1 on 2 processes")
+    ap.add_argument("--compile", action="store_true", help="also time both with each layer compiled")
     ap.add_argument("--ep-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ep_worker:
         return ep_worker(args.steps)
-    torch.manual_seed(0)
     cfg, model, mf_step = megaflow_runner()
-    hf_step = hf_runner(cfg, model)
+    runners = {"megaflow": mf_step, "transformers": hf_runner(cfg, model)}
+    if args.compile:
+        runners["megaflow compiled"] = megaflow_runner(compile=True)[2]
+        runners["transformers compiled"] = hf_runner(cfg, model, compile=True)
     total = sum(p.numel() for p in model.parameters())
     print(f"model: Mixtral-shaped, {LAYERS} layers, hidden {HIDDEN}, {EXPERTS} experts of width {FFN}, top-{TOPK}, "
           f"seq {SEQ}, micro-batch {MBS}, vocab {VOCAB}, fp32, {torch.get_num_threads()} threads; "
           f"{total:,} parameters")
     batches = [torch.randint(0, VOCAB, (MBS, SEQ + 1)) for _ in range(args.steps)]
-    for _ in range(2):
-        mf_step(batches[0])
-        hf_step(batches[0])
+    for _ in range(2):                     # warm-up (and compilation)
+        for step in runners.values():
+            step(batches[0])
     clear_step_counts(model)
     mf_step(batches[0])                    # the tokens per expert of one step, for the ceiling
     ceiling_seconds = matmul_ceiling(model)
-    mf, hf, ceilings = [], [], []
-    for tokens in batches:                 # rotating: machine noise hits all three alike
-        t = time.perf_counter()
-        mf_step(tokens)
-        mf.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hf_step(tokens)
-        hf.append(time.perf_counter() - t)
+    times, ceilings = {k: [] for k in runners}, []
+    for tokens in batches:                 # rotating: machine noise hits all alike
+        for name, step in runners.items():
+            t = time.perf_counter()
+            step(tokens)
+            times[name].append(time.perf_counter() - t)
         ceilings.append(ceiling_seconds())
-    m, h, ceiling = statistics.median(mf), statistics.median(hf), statistics.median(ceilings)
+    med, ceiling = {k: statistics.median(v) for k, v in times.items()}, statistics.median(ceilings)
+    m, h = med["megaflow"], med["transformers"]
     tokens = MBS * SEQ
     print(f"median tokens/s over {args.steps} rotating steps: megaflow {tokens / m:,.0f} | transformers "
           f"MixtralForCausalLM {tokens / h:,.0f} | ratio {h / m:.2f}x")
     print(f"ceiling (the step's matmuls alone): {ceiling:.3f} s = {ceiling / m:.2f} of megaflow's step "
           f"({m:.3f} s), {ceiling / h:.2f} of transformers' ({h:.3f} s)")
+    if args.compile:
+        mc, hc = med["megaflow compiled"], med["transformers compiled"]
+        print(f"compiled: megaflow {tokens / mc:,.0f} | transformers {tokens / hc:,.0f} tokens/s | ratio {hc / mc:.2f}x "
+              f"| ceiling {ceiling / mc:.2f} of megaflow's compiled step ({mc:.3f} s), {ceiling / hc:.2f} of "
+              f"transformers' ({hc:.3f} s)")
     if args.ep:
         from tests.launch import torchrun
         proc = torchrun(os.path.abspath(__file__), 2, ["--ep-worker", "--steps", str(args.steps)], timeout=1800)

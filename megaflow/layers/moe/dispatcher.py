@@ -107,7 +107,6 @@ class TokenDispatcher:
         return x_th, token_n, expert_n, weight_n
 
     # -- the whole layer ---------------------------------------------------------------------------
-    @torch.compiler.disable  # token counts decide every shape from here on: eager inside --compile
     def __call__(self, x_th, probs_tk, experts_tk, experts):
         """experts(x_nh sorted by local expert, counts per local expert) -> y_nh. Returns y_th."""
         t = x_th.shape[0]

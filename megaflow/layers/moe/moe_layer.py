@@ -67,13 +67,7 @@ class MoELayer(nn.Module):
         self.stat_microbatches = 0
 
     def forward(self, x_sbh):
-        s, b, h = x_sbh.shape
-        x_th = x_sbh.reshape(s * b, h)
-        routing = self.router(x_th, b)
-        y_th = self.dispatcher(x_th, routing.probs_tk.to(x_th.dtype), routing.experts_tk, self.experts)
-        y_sbh = aux_loss.attach(y_th.view(s, b, h), routing.aux_loss)
-        if self.training and _first_forward():
-            self._record(routing)
+        y_sbh = self._routed(x_sbh)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_sbh)
             gate = getattr(self.shared_experts, "gate_weight", None)
@@ -81,6 +75,17 @@ class MoELayer(nn.Module):
                 shared = shared * torch.sigmoid(x_sbh @ gate.t().to(x_sbh.dtype))
             y_sbh = y_sbh + shared
         return y_sbh
+
+    @torch.compiler.disable  # the routing decides every shape from here on: eager inside --compile
+    def _routed(self, x_sbh):
+        """The routed experts' output: router, dispatch, experts, combine, statistics."""
+        s, b, h = x_sbh.shape
+        x_th = x_sbh.reshape(s * b, h)
+        routing = self.router(x_th, b)
+        y_th = self.dispatcher(x_th, routing.probs_tk.to(x_th.dtype), routing.experts_tk, self.experts)
+        if self.training and _first_forward():
+            self._record(routing)
+        return aux_loss.attach(y_th.view(s, b, h), routing.aux_loss)
 
     @torch.no_grad()
     def _record(self, routing) -> None:
