@@ -19,7 +19,6 @@ for name in ("tp", "dp", "pp", "embedding"):
     out["sums"][name] = t.item()
 
 
-
 def inputs(rank, n):  # every rank's input is known to every rank: the expected sums are made here
     return torch.randn(n, 3, generator=torch.Generator().manual_seed(100 + rank))
 
