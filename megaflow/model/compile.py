@@ -3,8 +3,9 @@
 Compiling blocks rather than the whole model keeps what lies between them eager — the pipeline
 schedule, activation recompute around whole layers, the gradient-sync hooks, the embedding and the
 loss — and compiles one graph that every block of the same shape reuses (torchtitan does the same).
-Each block is compiled in place (nn.Module.compile), so parameter names, checkpoints and hooks are
-unchanged. Full activation recompute moves inside the compiled region: a recompute triggered from
+Each block's forward is compiled in place (no wrapper module), so parameter names, checkpoints and
+hooks are unchanged, and the hooks on a block run outside its graph: ZeRO-3's per-layer gathers and
+frees (optim/zero3.py) wait on collective handles, which dynamo cannot trace. Full activation recompute moves inside the compiled region: a recompute triggered from
 backward would run eagerly (dynamo does not run there) and save other tensors than the compiled
 forward did, so each recomputed block is compiled together with its checkpoint (torchtitan's order:
 checkpoint, then compile), one checkpoint per block; with --recompute-method uniform and
@@ -52,10 +53,11 @@ def compile_blocks(model, cfg) -> int:
         recomputed = _recomputed_layers(chunk)
         chunk.recompute = False  # done by the compiled blocks themselves from here on
         for i, layer in enumerate(chunk.layers):
-            if i in recomputed:
-                layer.forward = _checkpointed(layer.forward, layer)
-            # Static shapes: every micro-batch has the same shape, and one graph serves every layer.
-            layer.compile(dynamic=False)
+            forward = _checkpointed(layer.forward, layer) if i in recomputed else layer.forward
+            # The forward only, not the module call: hooks on the block itself (ZeRO-3's gathers and
+            # frees, parallel/zero3.py) stay outside the graph. Static shapes: every micro-batch has the
+            # same shape, and one graph serves every layer.
+            layer.forward = torch.compile(forward, dynamic=False)
             n += 1
     return n
 

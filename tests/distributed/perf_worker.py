@@ -3,8 +3,10 @@ each layout trained twice from the same seed and data, eagerly without fusion an
 the per-step losses of the two go to OUT_DIR/<name>_rank<r>.json. One launch runs every layout:
 
     tp2_sp      TP=2 with sequence parallelism (collectives inside the compiled blocks)
-    dp2_zero    DP=2, distributed optimizer (ZeRO-2) with --overlap-grad-reduce (the fused weights'
-                hooks launch the bucket reductions)
+    dp2_zero    DP=2, distributed optimizer (ZeRO-1) with --overlap-grad-reduce (the fused weights'
+                hooks launch the bucket reductions) and --overlap-param-gather (pre-hooks of the
+                modules inside a block wait for their parameters' all-gathers)
+    dp2_zero3   DP=2, ZeRO-3: the block's own hooks gather and free its parameters outside its graph
     pp2_1f1b    PP=2, 1F1B, full activation recompute
     pp2_inter   PP=2, interleaved (2 chunks per rank)
 """
@@ -24,7 +26,8 @@ from megaflow.training.step import train_step
 VOCAB, SEQ, MBS, STEPS, M = 100, 16, 2, 2, 2
 LAYOUTS = {
     "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
-    "dp2_zero": dict(use_distributed_optimizer=True, overlap_grad_reduce=True),
+    "dp2_zero": dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True),
+    "dp2_zero3": dict(use_distributed_optimizer=True, zero_stage=3),
     "pp2_1f1b": dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1),
     "pp2_inter": dict(pipeline_model_parallel_size=2, num_layers=4, num_layers_per_virtual_pipeline_stage=1),
@@ -70,7 +73,8 @@ def main(out_dir):
     for name in LAYOUTS:
         eager = losses(make_cfg(name))
         breaks_before = sum(counters["graph_break"].values())
-        fast = losses(make_cfg(name, compile=True, gradient_accumulation_fusion=True))
+        fusion = LAYOUTS[name].get("zero_stage", 1) == 1  # ZeRO-2/3 keep no main_grad to fuse into
+        fast = losses(make_cfg(name, compile=True, gradient_accumulation_fusion=fusion))
         with open(os.path.join(out_dir, f"{name}_rank{dist.get_rank()}.json"), "w") as fh:
             json.dump({"eager": eager, "compiled_fused": fast, "is_last": state.get().is_last_stage,
                        "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
