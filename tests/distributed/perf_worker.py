@@ -6,6 +6,7 @@ the per-step losses of the two go to OUT_DIR/<name>_rank<r>.json. One launch run
     dp2_zero    DP=2, distributed optimizer (ZeRO-1) with --overlap-grad-reduce (the fused weights'
                 hooks launch the bucket reductions) and --overlap-param-gather (pre-hooks of the
                 modules inside a block wait for their parameters' all-gathers)
+    dp2_zero2   DP=2, ZeRO-2: gradients reduce-scattered from the post-accumulate hooks every micro-batch
     dp2_zero3   DP=2, ZeRO-3: the block's own hooks gather and free its parameters outside its graph
     pp2_1f1b    PP=2, 1F1B, full activation recompute
     pp2_inter   PP=2, interleaved (2 chunks per rank)
@@ -27,6 +28,7 @@ VOCAB, SEQ, MBS, STEPS, M = 100, 16, 2, 2, 2
 LAYOUTS = {
     "tp2_sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "dp2_zero": dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True),
+    "dp2_zero2": dict(use_distributed_optimizer=True, zero_stage=2),
     "dp2_zero3": dict(use_distributed_optimizer=True, zero_stage=3),
     "pp2_1f1b": dict(pipeline_model_parallel_size=2, recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1),

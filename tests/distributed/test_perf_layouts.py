@@ -19,7 +19,7 @@ def results(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "dp2_zero", "dp2_zero3", "pp2_1f1b", "pp2_inter"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "dp2_zero", "dp2_zero2", "dp2_zero3", "pp2_1f1b", "pp2_inter"])
 def test_compiled_and_fused_training_matches_eager(results, layout):
     rs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(results, f"{layout}_rank*.json")))]
     assert len(rs) == 2
