@@ -5,16 +5,16 @@ schedule, activation recompute around whole layers, the gradient-sync hooks, the
 loss — and compiles one graph that every block of the same shape reuses (torchtitan does the same).
 Each block's forward is compiled in place (no wrapper module), so parameter names, checkpoints and
 hooks are unchanged, and the hooks on a block run outside its graph: ZeRO-3's per-layer gathers and
-frees (optim/zero3.py) wait on collective handles, which dynamo cannot trace. Full activation recompute moves inside the compiled region: a recompute triggered from
-backward would run eagerly (dynamo does not run there) and save other tensors than the compiled
-forward did, so each recomputed block is compiled together with its checkpoint (torchtitan's order:
-checkpoint, then compile), one checkpoint per block; with --recompute-method uniform and
---recompute-num-layers k > 1 that keeps the input of every block instead of every k-th. Inside a block
-dynamo traces the tensor-parallel layers' autograd functions and their collectives
-(parallel/mappings.py) and selective recompute (torch.utils.checkpoint); tests count the graph breaks
-(none) under TP/SP, DP/ZeRO and both pipeline schedules. Dropout under tensor parallelism switches RNG
-streams (parallel/random.py), which dynamo cannot trace: with dropout > 0 and TP > 1 a block breaks
-its graph there.
+frees (optim/zero3.py) wait on collective handles, which dynamo cannot trace. Full activation
+recompute moves inside the compiled region: a recompute triggered from backward would run eagerly
+(dynamo does not run there) and save other tensors than the compiled forward did, so each recomputed
+block is compiled together with its checkpoint (torchtitan's order: checkpoint, then compile), one
+checkpoint per block; with --recompute-method uniform and --recompute-num-layers k > 1 that keeps
+the input of every block instead of every k-th. Inside a block dynamo traces the tensor-parallel
+layers' autograd functions and their collectives (parallel/mappings.py) and selective recompute
+(torch.utils.checkpoint); tests count the graph breaks (none) under TP/SP, DP/ZeRO and both pipeline
+schedules. Dropout under tensor parallelism switches RNG streams (parallel/random.py), which dynamo
+cannot trace: with dropout > 0 and TP > 1 a block breaks its graph there.
 
 Compilation happens at a block's first call (its backward graph at its first backward), i.e. inside
 the first training iteration; compile_seconds() reads the time dynamo and inductor spent, which the
@@ -55,7 +55,7 @@ def compile_blocks(model, cfg) -> int:
         for i, layer in enumerate(chunk.layers):
             forward = _checkpointed(layer.forward, layer) if i in recomputed else layer.forward
             # The forward only, not the module call: hooks on the block itself (ZeRO-3's gathers and
-            # frees, parallel/zero3.py) stay outside the graph. Static shapes: every micro-batch has the
+            # frees, optim/zero3.py) stay outside the graph. Static shapes: every micro-batch has the
             # same shape, and one graph serves every layer.
             layer.forward = torch.compile(forward, dynamic=False)
             n += 1
